@@ -1,0 +1,62 @@
+"""All configuration, read once from the environment (and a `.env` file).
+
+This is the only place that reads the environment. Every field is documented in the README.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- server ---
+    host: str = Field("127.0.0.1", description="Address `labelassist serve` binds to.")
+    port: int = Field(9090, description="Port `labelassist serve` listens on.")
+    workers: int = Field(1, ge=1, description="gunicorn worker processes (each holds its own models).")
+    threads: int = Field(8, ge=1, description="Threads per worker; clicks are served concurrently.")
+    log_level: str = Field("INFO", description="Python log level.")
+    basic_auth_user: str | None = Field(None, description="If set with the password, every route but /health needs HTTP basic auth.")
+    basic_auth_pass: SecretStr | None = Field(None, description="Basic-auth password.")
+    max_request_bytes: int = Field(16 * 1024 * 1024, description="Largest accepted request body.")
+
+    # --- segmenter ---
+    segmenter: Literal["auto", "grabcut", "sam"] = Field(
+        "auto", description="auto: SAM when SAM_CHECKPOINT is set, else the classical grabcut segmenter.")
+    sam_checkpoint: Path | None = Field(None, description="Local path of a segment-anything checkpoint (.pth).")
+    sam_model_type: Literal["vit_b", "vit_l", "vit_h"] = Field("vit_b", description="Architecture of SAM_CHECKPOINT.")
+    device: str = Field("auto", description="torch device for neural models: auto, cpu, cuda, cuda:1 ...")
+    embedding_cache_bytes: int = Field(1024 * 1024 * 1024, description="Byte bound of the in-process embedding cache.")
+    embedding_cache_fp16: bool = Field(True, description="Store neural embeddings as float16 (half the memory).")
+    warm_cache_on_predict: bool = Field(True, description="Batch /predict and TASKS_CREATED webhooks compute embeddings in the background.")
+    polygon_tolerance: float = Field(1.0, ge=0, description="Polygon simplification tolerance, in pixels.")
+
+    # --- Label Studio and media ---
+    label_studio_url: str | None = Field(None, description="Base URL of Label Studio, e.g. http://localhost:8080.")
+    label_studio_api_key: SecretStr | None = Field(None, description="Personal access token (JWT refresh token) or legacy token.")
+    local_files_document_root: Path | None = Field(None, description="Mounted LOCAL_FILES_DOCUMENT_ROOT: read /data/local-files/ from disk.")
+    allowed_media_hosts: str = Field("*", description="Comma-separated hosts that plain http(s) media may come from; * for any.")
+    media_cache_dir: Path = Field(Path.home() / ".cache" / "labelassist" / "media", description="On-disk download cache.")
+    media_cache_bytes: int = Field(2 * 1024 * 1024 * 1024, description="Byte bound of the download cache.")
+    media_timeout: float = Field(30.0, gt=0, description="Seconds to wait for one media download.")
+    max_image_bytes: int = Field(64 * 1024 * 1024, description="Largest image file accepted.")
+    max_image_pixels: int = Field(100_000_000, description="Largest image (width x height) accepted; guards against decompression bombs.")
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    def allowed_hosts(self) -> set[str] | None:
+        """None means any host."""
+        hosts = {h.strip().lower() for h in self.allowed_media_hosts.split(",") if h.strip()}
+        return None if "*" in hosts else hosts
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
