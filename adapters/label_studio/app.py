@@ -1,0 +1,185 @@
+"""Flask application factory speaking Label Studio's ML-backend protocol.
+
+Routes: GET / and /health, POST /setup, POST /predict, POST /webhook, GET /metrics.
+Bad input always gets a 4xx JSON answer {"error": "..."}; nothing else ever sees a traceback.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from ...settings import Settings, get_settings
+from ..errors import ApiError
+from .config import parse_label_config
+from .interactive import parse_context
+from .media import MediaError, MediaFetcher
+from .service import ImageRef, Service, image_ref
+
+log = logging.getLogger(__name__)
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True, force=True)
+    if body is None:
+        raise ApiError(400, "request body is not valid JSON")
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _tasks(body: dict) -> list[dict]:
+    tasks = body.get("tasks")
+    if tasks is None:
+        raise ApiError(400, "missing 'tasks': /predict needs a list of tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise ApiError(400, "'tasks' must be a list of task objects")
+    return tasks
+
+
+class Metrics:
+    def __init__(self, service: Service):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("labelassist_requests", "HTTP requests", ["route", "status"], registry=self.registry)
+        self.latency = Histogram("labelassist_request_seconds", "Request latency", ["route", "mode"],
+                                 registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 100))
+        stats = service.cache.stats
+        for name, doc, fn in [
+            ("labelassist_embedding_cache_hits", "Embedding cache hits", lambda: stats.hits),
+            ("labelassist_embedding_cache_misses", "Embedding cache misses (encoder runs)", lambda: stats.misses),
+            ("labelassist_embedding_cache_waits", "Clicks that waited for an embedding under way", lambda: stats.waits),
+            ("labelassist_embedding_cache_bytes", "Bytes held by the embedding cache", lambda: stats.bytes),
+            ("labelassist_embedding_cache_entries", "Embeddings held", lambda: stats.entries),
+        ]:
+            Gauge(name, doc, registry=self.registry).set_function(fn)
+        Gauge("labelassist_model_info", "Model serving", ["model_version"],
+              registry=self.registry).labels(service.model_version).set(1)
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> Flask:
+    settings = settings or get_settings()
+    if service is None:
+        from ...backends.segment import create_segmenter
+
+        segmenter = create_segmenter(settings.segmenter, settings.sam_checkpoint, settings.sam_model_type,
+                                     settings.device, settings.embedding_cache_fp16)
+        service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
+                          settings.polygon_tolerance)
+    app = Flask("labelassist")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["labelassist"] = service
+    metrics = Metrics(service)
+    log.info("serving %s (%s)", service.model_version, service.segmenter.describe())
+
+    @app.before_request
+    def _start():
+        g.start = time.perf_counter()
+        g.mode = "-"
+        if settings.basic_auth_enabled and request.path not in ("/", "/health"):
+            auth = request.authorization
+            ok = (auth is not None and auth.type == "basic"
+                  and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+                  and hmac.compare_digest((auth.password or "").encode(),
+                                          settings.basic_auth_pass.get_secret_value().encode()))
+            if not ok:
+                resp = jsonify(error="authentication required")
+                resp.status_code = 401
+                resp.headers["WWW-Authenticate"] = 'Basic realm="labelassist"'
+                return resp
+
+    @app.after_request
+    def _count(resp: Response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(route, str(resp.status_code)).inc()
+        metrics.latency.labels(route, g.get("mode", "-")).observe(time.perf_counter() - g.get("start", time.perf_counter()))
+        return resp
+
+    @app.errorhandler(ApiError)
+    @app.errorhandler(MediaError)
+    def _api_error(exc):
+        log.warning("%s %s -> %s: %s", request.method, request.path, exc.status, exc.message)
+        return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        message = {413: f"request body is larger than the limit of {settings.max_request_bytes} bytes"}.get(
+            exc.code, exc.description)
+        return jsonify(error=message), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend's log"), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class="labelassist", model_version=service.model_version,
+                       **service.segmenter.describe())
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        schema = body.get("schema")
+        if schema:
+            parse_label_config(schema)
+        return jsonify(model_version=service.model_version)
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = _tasks(body)
+        config = parse_label_config(body.get("label_config"))
+        params = body.get("params") or {}
+        context = params.get("context") if isinstance(params, dict) else None
+        if context:
+            if not isinstance(context, dict):
+                raise ApiError(400, "params.context must be an object")
+            if not tasks:
+                raise ApiError(400, "an interactive request needs one task")
+            g.mode = "interactive"
+            smart = parse_context(context, config)
+            return jsonify(results=[service.interactive(tasks[0], smart, config)])
+        g.mode = "batch"
+        if settings.warm_cache_on_predict:
+            service.warm(_refs(tasks, config))
+        return jsonify(results=[{"result": [], "score": 0.0, "model_version": service.model_version}
+                                for _ in tasks])
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body()
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise ApiError(400, "webhook body has no 'action'")
+        if action == "TASKS_CREATED" and settings.warm_cache_on_predict:
+            project = body.get("project") or {}
+            config = parse_label_config(project.get("label_config")) if isinstance(project, dict) else None
+            tasks = body.get("tasks") or []
+            if config is None or not isinstance(tasks, list):
+                raise ApiError(400, "TASKS_CREATED needs project.label_config and a list of tasks")
+            queued = service.warm(_refs([t for t in tasks if isinstance(t, dict)], config))
+            return jsonify(status="ok", action=action, warming=queued), 200
+        return jsonify(status="ignored", action=action), 200
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _refs(tasks: list[dict], config) -> list[ImageRef]:
+    refs = []
+    for task in tasks:
+        for image in config.images:
+            try:
+                refs.append(image_ref(task, config, image))
+            except ApiError:
+                continue  # a task without this image has nothing to warm
+    return refs

@@ -1,0 +1,132 @@
+"""The work behind the routes: images -> cached embeddings -> regions -> Label Studio results.
+
+One Service per process holds the segmenter, the embedding cache and the media fetcher. It is
+thread-safe: gunicorn's threads call it concurrently.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ... import __version__
+from ...backends.cache import ByteLRU
+from ...backends.image import content_hash
+from ...backends.segment import Embedding, Segmenter
+from ..errors import ApiError
+from .config import ParsedConfig
+from .interactive import SmartRequest
+from .media import MediaFetcher
+from .results import mask_results
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    url: str
+    task_id: int | None
+
+
+class Service:
+    def __init__(self, segmenter: Segmenter, fetcher: MediaFetcher, cache_bytes: int,
+                 polygon_tolerance: float = 1.0, warm_workers: int = 1):
+        self.segmenter = segmenter
+        self.fetcher = fetcher
+        self.polygon_tolerance = polygon_tolerance
+        self.cache: ByteLRU[Embedding] = ByteLRU(cache_bytes, lambda e: e.nbytes)
+        self.encoder_runs = 0
+        self._runs_lock = threading.Lock()
+        # url -> content key, so a click on a known image skips download, decode and hashing.
+        self._keys: OrderedDict[ImageRef, tuple] = OrderedDict()
+        self._keys_lock = threading.Lock()
+        self._warm_pool = ThreadPoolExecutor(max_workers=warm_workers, thread_name_prefix="warm")
+        self._warming: set[ImageRef] = set()
+
+    @property
+    def model_version(self) -> str:
+        return f"labelassist-{__version__}-{self.segmenter.model_id}"
+
+    # --- embeddings -------------------------------------------------------------------------
+    def _embed(self, image: np.ndarray) -> Embedding:
+        with self._runs_lock:
+            self.encoder_runs += 1
+        return self.segmenter.embed(image)
+
+    def embedding_for(self, ref: ImageRef) -> Embedding:
+        with self._keys_lock:
+            key = self._keys.get(ref)
+            if key is not None:
+                self._keys.move_to_end(ref)
+        if key is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+        image = self.fetcher.load_image(ref.url, ref.task_id)
+        key = (content_hash(image), self.segmenter.model_id)
+        with self._keys_lock:
+            self._keys[ref] = key
+            while len(self._keys) > 8192:
+                self._keys.popitem(last=False)
+        return self.cache.get_or_compute(key, lambda: self._embed(image))
+
+    def warm(self, refs: list[ImageRef]) -> int:
+        """Compute embeddings in the background; returns how many were queued."""
+        queued = 0
+        for ref in refs:
+            with self._keys_lock:
+                if ref in self._warming:
+                    continue
+                self._warming.add(ref)
+            self._warm_pool.submit(self._warm_one, ref)
+            queued += 1
+        return queued
+
+    def _warm_one(self, ref: ImageRef) -> None:
+        try:
+            self.embedding_for(ref)
+        except Exception as exc:  # a warm-up failure only costs the first click its speed
+            log.warning("cache warm-up failed for task %s: %s", ref.task_id, getattr(exc, "message", exc))
+        finally:
+            with self._keys_lock:
+                self._warming.discard(ref)
+
+    # --- interactive ------------------------------------------------------------------------
+    def interactive(self, task: dict, request: SmartRequest, config: ParsedConfig) -> dict:
+        outputs = config.mask_outputs(request.image)
+        if not outputs:
+            raise ApiError(400, f"the label config has no BrushLabels or PolygonLabels control for "
+                                f"image {request.image!r} to hold a mask")
+        usable = [c for c in outputs if not c.labels or request.label is None or request.label in c.labels]
+        if not usable:
+            raise ApiError(400, f"no BrushLabels/PolygonLabels control for image {request.image!r} has "
+                                f"the label {request.label!r}")
+        embedding = self.embedding_for(image_ref(task, config, request.image))
+        height, width = embedding.image_size
+        region = self.segmenter.segment(embedding, request.to_prompt(width, height))
+        results = []
+        for control in usable:
+            label = request.label or (control.labels[0] if control.labels else None)
+            result = mask_results(region, control, request.image, label, self.polygon_tolerance)
+            if result is not None:
+                results.append(result)
+        return {"result": results, "score": region.score, "model_version": self.model_version}
+
+    def shutdown(self) -> None:
+        self._warm_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def image_ref(task: dict, config: ParsedConfig, image: str) -> ImageRef:
+    key = config.data_key(image)
+    data = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(data, dict):
+        raise ApiError(400, "task has no data object")
+    url = data.get(key)
+    if not isinstance(url, str) or not url:
+        raise ApiError(400, f"task {task.get('id')} has no image URL in data[{key!r}]")
+    task_id = task.get("id")
+    return ImageRef(url=url, task_id=task_id if isinstance(task_id, int) else None)
