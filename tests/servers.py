@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import threading
 
 import numpy as np
@@ -14,6 +15,7 @@ from werkzeug.serving import make_server
 @contextlib.contextmanager
 def serving(app, host: str = "127.0.0.1"):
     """Run a WSGI app on a free loopback port in a thread; yields its base URL."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log per request
     server = make_server(host, 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

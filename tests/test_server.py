@@ -43,6 +43,8 @@ def scene() -> tuple[np.ndarray, np.ndarray]:
 
 IMAGE, TRUTH = scene()
 FILES = {"1/coin.png": png_bytes(IMAGE), "1/text.png": b"this is not an image",
+         # 300x300 of noise: few pixels, but a PNG of ~270 kB, over the byte limit used below
+         "1/noise.png": png_bytes(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)),
          "1/big.png": png_bytes(np.zeros((600, 600, 3), np.uint8))}
 
 
@@ -58,7 +60,8 @@ def media():
 
 def make_settings(media_url, tmp_path, **kw):
     return Settings(label_studio_url=media_url, label_studio_api_key="legacy-secret",
-                    media_cache_dir=tmp_path / "media", max_image_pixels=200_000, **kw)
+                    media_cache_dir=tmp_path / "media", max_image_pixels=200_000,
+                    max_image_bytes=200_000, **kw)
 
 
 @pytest.fixture()
@@ -246,6 +249,8 @@ def _bad_cases():
                                     "params": {"context": {"result": ok_ctx}}}), 422, "not an image"),
         "too many pixels": (dict(json={"tasks": [task("1/big.png")], "label_config": CONFIG,
                                        "params": {"context": {"result": ok_ctx}}}), 413, "pixels"),
+        "too many bytes": (dict(json={"tasks": [task("1/noise.png")], "label_config": CONFIG,
+                                      "params": {"context": {"result": ok_ctx}}}), 413, "bytes"),
         "body too large": (dict(data=b"{" + b" " * (2 * 1024 * 1024) + b"}",
                                 headers={"Content-Type": "application/json"}), 413, "larger than the limit"),
     }

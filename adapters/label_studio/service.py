@@ -11,8 +11,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from ... import __version__
 from ...backends.cache import ByteLRU
 from ...backends.image import content_hash
@@ -39,8 +37,6 @@ class Service:
         self.fetcher = fetcher
         self.polygon_tolerance = polygon_tolerance
         self.cache: ByteLRU[Embedding] = ByteLRU(cache_bytes, lambda e: e.nbytes)
-        self.encoder_runs = 0
-        self._runs_lock = threading.Lock()
         # url -> content key, so a click on a known image skips download, decode and hashing.
         self._keys: OrderedDict[ImageRef, tuple] = OrderedDict()
         self._keys_lock = threading.Lock()
@@ -52,11 +48,6 @@ class Service:
         return f"labelassist-{__version__}-{self.segmenter.model_id}"
 
     # --- embeddings -------------------------------------------------------------------------
-    def _embed(self, image: np.ndarray) -> Embedding:
-        with self._runs_lock:
-            self.encoder_runs += 1
-        return self.segmenter.embed(image)
-
     def embedding_for(self, ref: ImageRef) -> Embedding:
         with self._keys_lock:
             key = self._keys.get(ref)
@@ -72,7 +63,7 @@ class Service:
             self._keys[ref] = key
             while len(self._keys) > 8192:
                 self._keys.popitem(last=False)
-        return self.cache.get_or_compute(key, lambda: self._embed(image))
+        return self.cache.get_or_compute(key, lambda: self.segmenter.embed(image))
 
     def warm(self, refs: list[ImageRef]) -> int:
         """Compute embeddings in the background; returns how many were queued."""
