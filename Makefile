@@ -14,9 +14,9 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# Tests build tiny Segment Anything models, so they need the `sam` extra (PyTorch from PyPI).
+# Tests build tiny Segment Anything and YOLO models: the `sam` and `yolo` extras (PyTorch from PyPI).
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[sam,test]'
+	$(BIN)/pip install --quiet -e '.[sam,yolo,test]'
 	touch $(VENV)/.core $@
 
 serve: $(VENV)/.core
