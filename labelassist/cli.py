@@ -31,6 +31,15 @@ def _serve(args: argparse.Namespace) -> int:
 
             return create_app(settings)
 
+    # Fail here, with a clear message, rather than in a gunicorn worker that will not boot.
+    from .adapters.label_studio.app import build_prelabeler
+    from .backends.detect import ModelLoadError
+
+    try:
+        build_prelabeler(settings)
+    except ModelLoadError as exc:
+        print(f"labelassist: cannot start: {exc}", file=sys.stderr)
+        return 2
     print(f"labelassist: serving on http://{host}:{port}", flush=True)
     _App().run()
     return 0

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     warm_cache_on_predict: bool = Field(True, description="Batch /predict and TASKS_CREATED webhooks compute embeddings in the background.")
     polygon_tolerance: float = Field(1.0, ge=0, description="Polygon simplification tolerance, in pixels.")
 
+    # --- detector (pre-labels) ---
+    models_dir: Path = Field(Path("models"), description="Folder holding detector weights; a control's `model_path` attribute is resolved inside it, never outside.")
+    yolo_weights: Path | None = Field(None, description="Default detector weights (.pt, ultralytics), inside MODELS_DIR or absolute; unset: the detector is untrained and pre-labels nothing.")
+    detect_conf: float = Field(0.25, ge=0, le=1, description="Detector confidence threshold for pre-labels.")
+    detect_batch: int = Field(16, ge=1, description="Images per detector batch when /predict carries many tasks.")
+
     # --- Label Studio and media ---
     label_studio_url: str | None = Field(None, description="Base URL of Label Studio, e.g. http://localhost:8080.")
     label_studio_api_key: SecretStr | None = Field(None, description="Personal access token (JWT refresh token) or legacy token.")

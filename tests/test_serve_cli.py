@@ -86,3 +86,13 @@ def test_settings_are_read_from_the_environment(monkeypatch):
     s = Settings()
     assert s.embedding_cache_bytes == 12345 and s.segmenter == "grabcut"
     assert "tok" not in repr(s)
+
+
+def test_serve_refuses_to_start_with_corrupt_weights(tmp_path):
+    (tmp_path / "yolo.pt").write_bytes(b"\x80\x02truncated")
+    env = dict(os.environ, MODELS_DIR=str(tmp_path), YOLO_WEIGHTS="yolo.pt", PORT=str(_free_port()))
+    proc = subprocess.run([sys.executable, "-m", "labelassist.cli", "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "cannot start" in proc.stderr and "yolo.pt" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         segmenter = create_segmenter(settings.segmenter, settings.sam_checkpoint, settings.sam_model_type,
                                      settings.device, settings.embedding_cache_fp16)
         service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
-                          settings.polygon_tolerance)
+                          settings.polygon_tolerance, prelabeler=build_prelabeler(settings))
     app = Flask("labelassist")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["labelassist"] = service
@@ -120,15 +120,20 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     @app.get("/health")
     def health():
         return jsonify(status="UP", model_class="labelassist", model_version=service.model_version,
-                       **service.segmenter.describe())
+                       **service.describe())
 
     @app.post("/setup")
     def setup():
         body = _json_body()
         schema = body.get("schema")
+        answer = {"model_version": service.model_version}
         if schema:
-            parse_label_config(schema)
-        return jsonify(model_version=service.model_version)
+            config = parse_label_config(schema)
+            if service.prelabeler is not None:
+                # Labels no model class maps to get no pre-labels: say so, the user can add
+                # predicted_values="class_a,class_b" to the <Label>.
+                answer["labels_without_model_class"] = service.prelabeler.unmatched_labels(config)
+        return jsonify(answer)
 
     @app.post("/predict")
     def predict():
@@ -148,8 +153,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         g.mode = "batch"
         if settings.warm_cache_on_predict:
             service.warm(_refs(tasks, config))
-        return jsonify(results=[{"result": [], "score": 0.0, "model_version": service.model_version}
-                                for _ in tasks])
+        return jsonify(results=service.prelabel(tasks, config))
 
     @app.post("/webhook")
     def webhook():
@@ -172,6 +176,24 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def build_prelabeler(settings: Settings):
+    """The default detector from YOLO_WEIGHTS (a startup error if it cannot load), else untrained."""
+    from ...backends.detect import YoloDetector, create_detector
+
+    from .prelabel import Prelabeler
+
+    def load(path):
+        return create_detector(path, settings.device, settings.detect_conf)
+
+    weights = settings.yolo_weights
+    if weights is not None and not weights.is_absolute():
+        weights = settings.models_dir / weights
+    default = load(weights) if weights else YoloDetector.untrained()
+    if not default.trained:
+        log.warning("detector is untrained (YOLO_WEIGHTS unset): pre-labels will be empty")
+    return Prelabeler(default, settings.models_dir, load, settings.polygon_tolerance, settings.detect_batch)
 
 
 def _refs(tasks: list[dict], config) -> list[ImageRef]:

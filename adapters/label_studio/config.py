@@ -27,6 +27,9 @@ class Control:
     to_name: tuple[str, ...]
     labels: tuple[str, ...]
     attrs: tuple[tuple[str, str], ...]
+    #: lower-cased model class name -> label: each label by its own name, plus the names listed in
+    #: its `predicted_values="a,b"` attribute.
+    class_map: tuple[tuple[str, str], ...] = ()
 
     @property
     def result_type(self) -> str:
@@ -34,6 +37,12 @@ class Control:
 
     def attr(self, key: str, default: str | None = None) -> str | None:
         return dict(self.attrs).get(key, default)
+
+    def label_for(self, class_name: str | None) -> str | None:
+        """The label a model class maps to (case-insensitive), or None when it maps to none."""
+        if class_name is None:
+            return None
+        return dict(self.class_map).get(class_name.strip().lower())
 
 
 @dataclass(frozen=True)
@@ -76,5 +85,16 @@ def parse_label_config(config: str) -> ParsedConfig:
     for c in interface.controls:
         controls[c.name] = Control(
             name=c.name, tag=c.tag, to_name=tuple(c.to_name or ()),
-            labels=tuple(c.labels or ()), attrs=tuple(sorted((c.attr or {}).items())))
+            labels=tuple(c.labels or ()), attrs=tuple(sorted((c.attr or {}).items())),
+            class_map=tuple(_class_map(c)))
     return ParsedConfig(images=images, controls=controls)
+
+
+def _class_map(control) -> list[tuple[str, str]]:
+    pairs = []
+    for label in control.labels or ():
+        pairs.append((label.strip().lower(), label))
+        tag = (getattr(control, "labels_attrs", None) or {}).get(label)
+        aliases = (getattr(tag, "attr", None) or {}).get("predicted_values", "")
+        pairs.extend((a.strip().lower(), label) for a in aliases.split(",") if a.strip())
+    return pairs

@@ -11,8 +11,8 @@ from ...backends.types import Region
 from .config import Control
 
 
-def _base(control: Control, to_name: str, width: int, height: int, score: float) -> dict:
-    return {
+def _base(control: Control, to_name: str, width: int, height: int, region: Region) -> dict:
+    result = {
         "id": uuid.uuid4().hex[:10],
         "from_name": control.name,
         "to_name": to_name,
@@ -20,8 +20,18 @@ def _base(control: Control, to_name: str, width: int, height: int, score: float)
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "score": float(score),
+        "score": round(float(region.score), 4),
     }
+    if region.uncertainty is not None and region.kind != "mask":
+        # Shown to reviewers in the region's meta field.
+        result["meta"] = {"text": [f"uncertainty {region.uncertainty:.2f}"]}
+    return result
+
+
+def _labelled(control: Control, value: dict, label: str | None) -> dict:
+    if control.tag.endswith("Labels"):
+        value[control.result_type] = [label] if label else []
+    return value
 
 
 def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0) -> np.ndarray | None:
@@ -36,6 +46,12 @@ def mask_to_polygon(mask: np.ndarray, tolerance: float = 1.0) -> np.ndarray | No
     return points if len(points) >= 3 else None
 
 
+def _polygon_value(points: np.ndarray, width: int, height: int) -> dict:
+    # Pixel centres sit at +0.5; percent of the full width/height as Label Studio expects.
+    pct = np.column_stack([(points[:, 0] + 0.5) * 100.0 / width, (points[:, 1] + 0.5) * 100.0 / height])
+    return {"points": np.clip(pct, 0, 100).round(4).tolist(), "closed": True}
+
+
 def mask_results(region: Region, control: Control, to_name: str, label: str | None,
                  polygon_tolerance: float = 1.0) -> dict | None:
     """A mask region as a brush (RLE) or polygon result for `control`; None if the mask is empty."""
@@ -43,18 +59,52 @@ def mask_results(region: Region, control: Control, to_name: str, label: str | No
     height, width = mask.shape
     if not mask.any():
         return None
-    result = _base(control, to_name, width, height, region.score)
-    labels = [label] if label else []
+    result = _base(control, to_name, width, height, region)
     if control.tag in ("BrushLabels", "Brush"):
         value = {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255)}
     else:
         points = mask_to_polygon(mask, polygon_tolerance)
         if points is None:
             return None
-        # Pixel centres sit at +0.5; percent of the full width/height as Label Studio expects.
-        pct = np.column_stack([(points[:, 0] + 0.5) * 100.0 / width, (points[:, 1] + 0.5) * 100.0 / height])
-        value = {"points": np.clip(pct, 0, 100).round(4).tolist(), "closed": True}
-    if control.tag.endswith("Labels"):
-        value[control.result_type] = labels
-    result["value"] = value
+        value = _polygon_value(points, width, height)
+    result["value"] = _labelled(control, value, label)
     return result
+
+
+def detection_results(region: Region, control: Control, to_name: str, label: str | None,
+                      width: int, height: int, polygon_tolerance: float = 1.0) -> list[dict]:
+    """A detector region as the results `control` can hold (none if it can hold none of it)."""
+    tag = control.tag
+    if tag in ("RectangleLabels", "Rectangle") and region.kind == "box":
+        x0, y0, x1, y1, angle = (list(region.geometry) + [0.0])[:5]
+        value = {"x": x0 * 100.0 / width, "y": y0 * 100.0 / height, "width": (x1 - x0) * 100.0 / width,
+                 "height": (y1 - y0) * 100.0 / height, "rotation": float(angle)}
+        return [dict(_base(control, to_name, width, height, region), value=_labelled(control, value, label))]
+    if tag in ("PolygonLabels", "Polygon") and region.kind == "polygon":
+        points = np.asarray(region.geometry, dtype=np.float64)
+        if len(points) < 3:
+            return []
+        value = _polygon_value(points, width, height)
+        return [dict(_base(control, to_name, width, height, region), value=_labelled(control, value, label))]
+    if tag in ("BrushLabels", "Brush") and region.extra.get("mask") is not None:
+        mask_region = Region(region.label, "mask", region.extra["mask"], region.score, region.uncertainty)
+        result = mask_results(mask_region, control, to_name, label, polygon_tolerance)
+        if result is not None:
+            result["meta"] = {"text": [f"uncertainty {region.uncertainty:.2f}"]}
+        return [result] if result else []
+    if tag in ("KeyPointLabels", "KeyPoint") and region.kind == "keypoints":
+        names = region.extra.get("keypoint_names") or []
+        out = []
+        for i, (x, y, vis) in enumerate(np.asarray(region.geometry, dtype=np.float64)):
+            if vis <= 0:
+                continue
+            # Each keypoint is its own region, labelled by the point's name when the config has it.
+            kp_label = control.label_for(names[i]) if i < len(names) else None
+            value = {"x": x * 100.0 / width, "y": y * 100.0 / height, "width": 0.5}
+            point = Region(region.label, "keypoints", None, float(vis) * region.score, region.uncertainty)
+            out.append(dict(_base(control, to_name, width, height, point),
+                            value=_labelled(control, value, kp_label or label)))
+        return out
+    if tag == "Choices" and region.kind == "class":
+        return [dict(_base(control, to_name, width, height, region), value={"choices": [label]})]
+    return []

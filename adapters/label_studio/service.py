@@ -19,6 +19,7 @@ from ..errors import ApiError
 from .config import ParsedConfig
 from .interactive import SmartRequest
 from .media import MediaFetcher
+from .prelabel import Prelabeler, task_difficulty
 from .results import mask_results
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ class ImageRef:
 
 class Service:
     def __init__(self, segmenter: Segmenter, fetcher: MediaFetcher, cache_bytes: int,
-                 polygon_tolerance: float = 1.0, warm_workers: int = 1):
+                 polygon_tolerance: float = 1.0, warm_workers: int = 1, prelabeler: Prelabeler | None = None):
         self.segmenter = segmenter
+        self.prelabeler = prelabeler
         self.fetcher = fetcher
         self.polygon_tolerance = polygon_tolerance
         self.cache: ByteLRU[Embedding] = ByteLRU(cache_bytes, lambda e: e.nbytes)
@@ -45,7 +47,17 @@ class Service:
 
     @property
     def model_version(self) -> str:
-        return f"labelassist-{__version__}-{self.segmenter.model_id}"
+        version = f"labelassist-{__version__}-{self.segmenter.model_id}"
+        detector = self.prelabeler.default if self.prelabeler else None
+        if detector is not None and detector.trained:
+            version += f"-{detector.model_id}-{getattr(detector, 'score_version', 'u0')}"
+        return version
+
+    def describe(self) -> dict:
+        info = dict(self.segmenter.describe())
+        if self.prelabeler is not None:
+            info["detector"] = self.prelabeler.default.describe()
+        return info
 
     # --- embeddings -------------------------------------------------------------------------
     def embedding_for(self, ref: ImageRef) -> Embedding:
@@ -106,6 +118,25 @@ class Service:
             if result is not None:
                 results.append(result)
         return {"result": results, "score": region.score, "model_version": self.model_version}
+
+    # --- pre-labels -------------------------------------------------------------------------
+    def prelabel(self, tasks: list[dict], config: ParsedConfig) -> list[dict]:
+        """One prediction per task, in order: detector pre-labels with a task score that is low when
+        the pre-annotation probably needs work."""
+        targets = self.prelabeler.targets(config) if self.prelabeler else []
+        if not targets:
+            return [{"result": [], "score": 0.0, "model_version": self.model_version} for _ in tasks]
+        needed = {t.image for t in targets}
+        images = []
+        for task in tasks:
+            images.append({name: self.fetcher.load_image(ref.url, ref.task_id)
+                           for name in needed for ref in [image_ref(task, config, name)]})
+        predictions = []
+        for results, regions in self.prelabeler.predict(tasks, images, config, targets):
+            difficulty = task_difficulty(regions)
+            predictions.append({"result": results, "score": round(1.0 - difficulty, 4),
+                                "model_version": self.model_version})
+        return predictions
 
     def shutdown(self) -> None:
         self._warm_pool.shutdown(wait=False, cancel_futures=True)
