@@ -2,7 +2,6 @@
 scenes: nothing is downloaded, and a guard fails the module if anything tries the network."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import socket
 import threading
@@ -17,13 +16,9 @@ from labelassist.backends.detect import (ModelLoadError, YoloDetector, create_de
                                          rotated_box_from_xywhr)
 from labelassist.backends.detect.yolo import import_ultralytics
 from labelassist.backends.image import to_rgb8
-from synthetic_detection import (CLASSES, KEYPOINT_NAMES, box_iou, make_detection_scene, match_detections,
-                                 write_yolo_dataset)
+from synthetic_detection import CLASSES, KEYPOINT_NAMES, box_iou, make_detection_scene, match_detections
+from tiny_models import train_tiny
 
-# Imported only by the tests that need it, through the backend's import_ultralytics() (offline).
-HAVE_ULTRALYTICS = importlib.util.find_spec("ultralytics") is not None
-
-needs_ultralytics = pytest.mark.skipif(not HAVE_ULTRALYTICS, reason="ultralytics is not installed")
 _LOCAL = {"localhost", "127.0.0.1", "::1", None}
 
 
@@ -55,30 +50,6 @@ def network_attempts():
 
 
 # --- training tiny models -----------------------------------------------------------------------
-
-def train_tiny(root: Path, arch: str, task: str, epochs: int, imgsz: int, n_train: int, n_val: int = 4,
-               seed: int = 0) -> tuple[Path, float]:
-    """Train `arch` (an architecture .yaml: random init, nothing downloaded) on synthetic scenes on
-    the CPU; return (last.pt, seconds)."""
-    import_ultralytics()
-    import ultralytics.data.utils as data_utils
-    from ultralytics import YOLO
-
-    data = write_yolo_dataset(root / "data", n_train, n_val, imgsz, task=task, seed=seed)
-    t0 = time.perf_counter()
-    with pytest.MonkeyPatch.context() as mp:
-        # Checking a detection data set fetches Arial.ttf for plots even with plots=False.
-        mp.setattr(data_utils, "check_font", lambda *a, **k: None)
-        model = YOLO(arch)
-        # nbs=batch: an optimizer step every batch (the default accumulates to 64 images, which
-        # leaves a 60-image data set one step per epoch and nothing learnt).
-        model.train(data=str(data), epochs=epochs, imgsz=imgsz, batch=8, nbs=8, workers=0, device="cpu",
-                    amp=False, plots=False, val=False, project=str(root / "runs"), name="train",
-                    exist_ok=True, verbose=False, seed=seed, deterministic=True)
-    weights = root / "runs" / "train" / "weights" / "last.pt"
-    assert weights.is_file()
-    return weights, time.perf_counter() - t0
-
 
 @pytest.fixture(scope="module")
 def scratch_weights(tmp_path_factory):
@@ -138,7 +109,6 @@ def test_missing_weights_raise_model_load_error(tmp_path):
         create_detector(path)
 
 
-@needs_ultralytics
 def test_never_trained_checkpoint_loads_and_answers(scratch_weights):
     det = YoloDetector.from_weights(scratch_weights, device="cpu")
     assert det.trained and det.task == "detect" and len(det.class_names) == 80
@@ -147,14 +117,12 @@ def test_never_trained_checkpoint_loads_and_answers(scratch_weights):
     assert len(out) == 2 and all(r.kind == "box" for regions in out for r in regions)
 
 
-@needs_ultralytics
 def test_bad_images_fail_before_running(scratch_weights):
     det = YoloDetector.from_weights(scratch_weights, device="cpu")
     with pytest.raises(ValueError):
         det.predict([np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20, 2), np.uint8)])
 
 
-@needs_ultralytics
 def test_bad_weight_files_raise_model_load_error(tmp_path, scratch_weights):
     import torch
 
@@ -184,7 +152,6 @@ class _Touch:
         return (Path.touch, (self.path,))
 
 
-@needs_ultralytics
 def test_weights_that_would_run_code_are_refused_unrun(tmp_path):
     import torch
 
@@ -196,7 +163,6 @@ def test_weights_that_would_run_code_are_refused_unrun(tmp_path):
     assert not marker.exists()
 
 
-@needs_ultralytics
 def test_ultralytics_leaves_pil_and_opencv_alone():
     """Importing ultralytics patches PIL.Image.open (a non-image then tries to pip-install pi-heif
     and raises ModuleNotFoundError) and makes OpenCV single-threaded; the backend undoes both."""
@@ -233,7 +199,6 @@ def test_rotated_box_convention_matches_label_studio():
 
 # --- the trained detector (slow: training it takes about 45 s on 2 CPU cores) --------------------
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_loaded_detector_describes_itself(detector, detect_weights):
     assert detector.trained and detector.task == "detect"
@@ -245,7 +210,6 @@ def test_loaded_detector_describes_itself(detector, detect_weights):
     assert YoloDetector.from_weights(copy, device="cpu").model_id == detector.model_id
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_batch_gives_what_each_image_gives_alone(detector):
     _, images = _scene_images(range(500, 504))  # one size: the same letterbox alone and in a batch
@@ -258,7 +222,6 @@ def test_batch_gives_what_each_image_gives_alone(detector):
                            np.array([r.geometry for r in regions]).reshape(-1, 5), atol=1e-3)
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_mixed_sizes_regions_in_order_and_in_bounds(detector):
     sizes = [(144, 208), (160, 160), (120, 250), (200, 130), (96, 96)]
@@ -285,7 +248,6 @@ def test_mixed_sizes_regions_in_order_and_in_bounds(detector):
     assert found >= 0.5 * sum(len(b) for b in batch) > 0
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_trained_detector_finds_the_objects(detector):
     scenes, images = _scene_images(range(2000, 2040), size=160)
@@ -310,7 +272,6 @@ def _ultralytics_boxes(weights: Path, image_rgb8: np.ndarray, conf: float) -> np
     return result.boxes.xyxy.numpy()
 
 
-@needs_ultralytics
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["rgb", "gray8", "gray16"])
 def test_boxes_match_ultralytics_own_results(detector, detect_weights, mode):
@@ -328,7 +289,6 @@ def test_boxes_match_ultralytics_own_results(detector, detect_weights, mode):
         assert len(swapped) != len(theirs) or not np.allclose(np.sort(swapped, 0), np.sort(theirs, 0), atol=1e-3)
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_candidates_add_near_threshold_regions(detector):
     _, images = _scene_images([3001, 3002])
@@ -342,7 +302,6 @@ def test_candidates_add_near_threshold_regions(detector):
     assert sum(len(c) for c in near) > sum(len(k) for k in shown)
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_predict_is_thread_safe(detector):
     _, images = _scene_images(range(4000, 4006))
@@ -365,7 +324,6 @@ def test_predict_is_thread_safe(detector):
 
 # --- the other tasks: barely trained, for the conversion paths ----------------------------------
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_segment_regions_are_polygons_with_full_size_masks(tmp_path_factory):
     weights = _tiny_task_weights(tmp_path_factory, "segment", "yolov8n-seg.yaml", epochs=3)
@@ -402,7 +360,6 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_pose_regions_are_named_keypoints(tmp_path_factory):
     weights = _tiny_task_weights(tmp_path_factory, "pose", "yolov8n-pose.yaml")
@@ -419,7 +376,6 @@ def test_pose_regions_are_named_keypoints(tmp_path_factory):
             assert len(r.extra["box"]) == 4 and "class_scores" in r.extra
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_obb_regions_follow_the_rotated_box_convention(tmp_path_factory):
     weights = _tiny_task_weights(tmp_path_factory, "obb", "yolov8n-obb.yaml")
@@ -439,7 +395,6 @@ def test_obb_regions_follow_the_rotated_box_convention(tmp_path_factory):
         assert ours.min(0) == pytest.approx((x0, y0), abs=1e-3) and ours.max(0) == pytest.approx((x1, y1), abs=1e-3)
 
 
-@needs_ultralytics
 @pytest.mark.slow
 def test_classify_regions_carry_probabilities(tmp_path_factory):
     weights = _tiny_task_weights(tmp_path_factory, "classify", "yolov8n-cls.yaml", epochs=1)

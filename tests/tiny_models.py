@@ -1,7 +1,9 @@
 """Real architectures at toy size, built without weights (nothing is downloaded)."""
 from __future__ import annotations
 
+import time
 from functools import partial
+from pathlib import Path
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -34,3 +36,32 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
     module.register_forward_hook(hook)
     return calls
+
+
+def train_tiny(root: Path, arch: str, task: str, epochs: int, imgsz: int, n_train: int, n_val: int = 4,
+               seed: int = 0) -> tuple[Path, float]:
+    """Train `arch` (an architecture .yaml: random init, nothing downloaded) on synthetic scenes on
+    the CPU; return (last.pt, seconds)."""
+    import pytest
+
+    from labelassist.backends.detect.yolo import import_ultralytics
+    from synthetic_detection import write_yolo_dataset
+
+    import_ultralytics()  # offline, before anything else imports ultralytics
+    import ultralytics.data.utils as data_utils
+    from ultralytics import YOLO
+
+    data = write_yolo_dataset(root / "data", n_train, n_val, imgsz, task=task, seed=seed)
+    t0 = time.perf_counter()
+    with pytest.MonkeyPatch.context() as mp:
+        # Checking a detection data set fetches Arial.ttf for plots even with plots=False.
+        mp.setattr(data_utils, "check_font", lambda *a, **k: None)
+        model = YOLO(arch)
+        # nbs=batch: an optimizer step every batch (the default accumulates to 64 images, which
+        # leaves a 60-image data set one step per epoch and nothing learnt).
+        model.train(data=str(data), epochs=epochs, imgsz=imgsz, batch=8, nbs=8, workers=0, device="cpu",
+                    amp=False, plots=False, val=False, project=str(root / "runs"), name="train",
+                    exist_ok=True, verbose=False, seed=seed, deterministic=True)
+    weights = root / "runs" / "train" / "weights" / "last.pt"
+    assert weights.is_file()
+    return weights, time.perf_counter() - t0
