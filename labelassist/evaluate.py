@@ -404,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imgsz", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="evaluation")
+    parser.add_argument("--save-calibration", action="store_true",
+                        help="with --fit-on: also save the calibration beside the weights, where the server loads it")
     args = parser.parse_args(argv)
 
     from .backends.detect import YoloDetector
@@ -418,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         est.fit(*load_yolo_dataset(args.data, args.fit_on))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "calibration.json").write_text(json.dumps(est.to_dict(), indent=2))
+        if args.save_calibration:
+            from .backends.uncertainty import calibration_path
+
+            calibration_path(args.weights).write_text(json.dumps(est.to_dict(), indent=2))
     images, gt = load_yolo_dataset(args.data, args.split)
     rep = evaluate(est, images, gt, args.out)
     r, t = rep["regions_flagging"], rep["tasks_flagging"]

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     yolo_weights: Path | None = Field(None, description="Default detector weights (.pt, ultralytics), inside MODELS_DIR or absolute; unset: the detector is untrained and pre-labels nothing.")
     detect_conf: float = Field(0.25, ge=0, le=1, description="Detector confidence threshold for pre-labels.")
     detect_batch: int = Field(16, ge=1, description="Images per detector batch when /predict carries many tasks.")
+    uncertainty_tta: str = Field("hflip,scale0.8", description="Test-time views whose disagreement feeds the uncertainty score (comma-separated: hflip, scaleF); empty for none.")
+    uncertainty_low_conf: float = Field(0.05, ge=0, le=1, description="Detections between this and DETECT_CONF count as possible misses in the task score.")
 
     # --- Label Studio and media ---
     label_studio_url: str | None = Field(None, description="Base URL of Label Studio, e.g. http://localhost:8080.")

@@ -10,11 +10,12 @@ from label_studio_sdk.converter.brush import decode_rle
 
 from labelassist.adapters.label_studio.app import create_app
 from labelassist.adapters.label_studio.media import MediaFetcher
-from labelassist.adapters.label_studio.prelabel import Prelabeler, resolve_model_path, task_difficulty
+from labelassist.adapters.label_studio.prelabel import Prelabeler, resolve_model_path
 from labelassist.adapters.label_studio.service import Service
 from labelassist.adapters.errors import ApiError
 from labelassist.backends.segment.grabcut import GrabCutSegmenter
 from labelassist.backends.types import Region
+from labelassist.backends.uncertainty import UncertaintyEstimator
 from labelassist.settings import Settings
 from servers import png_bytes, serving, upload_server
 
@@ -25,13 +26,13 @@ class FakeDetector:
     """Answers every image with the same regions; records how it was called."""
 
     def __init__(self, task, regions, names, model_id="fake-1"):
-        self.task, self.regions, self.model_id, self.trained = task, regions, model_id, True
+        self.task, self.regions, self.model_id, self.trained, self.conf = task, regions, model_id, True, 0.25
         self.class_names = dict(enumerate(names))
         self.calls = []
 
-    def predict(self, images):
+    def predict(self, images, conf=None):
         self.calls.append(len(images))
-        return [list(self.regions) for _ in images]
+        return [[r for r in self.regions if r.score >= (conf or self.conf)] for _ in images]
 
     def describe(self):
         return {"detector": "fake", "model_id": self.model_id, "trained": True}
@@ -50,7 +51,8 @@ def media():
 
 def server(media, tmp_path, detector, **kw):
     settings = Settings(label_studio_url=media, media_cache_dir=tmp_path / "m", models_dir=tmp_path, **kw)
-    pre = Prelabeler(detector, tmp_path, load=lambda p: (_ for _ in ()).throw(ValueError(f"corrupt file {p.name}")))
+    pre = Prelabeler(UncertaintyEstimator(detector, tta=()), tmp_path,
+                     load=lambda p: (_ for _ in ()).throw(ValueError(f"corrupt file {p.name}")))
     service = Service(GrabCutSegmenter(), MediaFetcher(settings), 10**8, prelabeler=pre)
     return serving(create_app(settings, service))
 
@@ -83,8 +85,24 @@ def test_boxes_with_rotation_in_percent_and_label_mapping(media, tmp_path):
     assert lorry["value"]["rotation"] == 30.0 and lorry["value"]["width"] * W / 100 == pytest.approx(100)
     assert car["score"] == 0.9 and preds[0]["model_version"] == setup["model_version"]
     assert setup["labels_without_model_class"] == {"r": ["Bike"]}
-    # two regions, uncertainty 0.1 each: P(needs work) = 1 - 0.9^2
-    assert preds[0]["score"] == pytest.approx(0.81, abs=1e-4)
+    assert car["meta"]["text"][0].startswith("uncertainty ")
+    assert 0 < preds[0]["score"] < 1
+
+
+def test_task_score_drops_with_uncertain_regions_and_possible_misses(media, tmp_path):
+    confident = [box("car", 40, 20, 140, 70, score=0.95)]
+    config = cfg('<RectangleLabels name="r" toName="img"><Label value="Car"/></RectangleLabels>')
+    answers = {}
+    for name, regions in {"clean": confident,
+                          "plus a doubtful box": confident + [box("car", 200, 100, 260, 160, score=0.3)],
+                          "plus a possible miss": confident + [box("car", 200, 100, 260, 160, score=0.1)]}.items():
+        with server(media, tmp_path, FakeDetector("detect", regions, ["car"])) as url:
+            (answers[name],) = predict(url, config).json()["results"]
+    clean = answers["clean"]["score"]
+    assert answers["plus a doubtful box"]["score"] < clean
+    assert answers["plus a possible miss"]["score"] < clean
+    # the candidate below the threshold is not shown, it only lowers the task score
+    assert len(answers["plus a possible miss"]["result"]) == 1 and len(answers["plus a doubtful box"]["result"]) == 2
 
 
 def test_instance_masks_as_polygons_and_brush(media, tmp_path):
@@ -133,7 +151,7 @@ def test_untrained_detector_prelabels_nothing_and_says_so(media, tmp_path):
     from labelassist.backends.detect import YoloDetector
 
     settings = Settings(label_studio_url=media, media_cache_dir=tmp_path / "m")
-    pre = Prelabeler(YoloDetector.untrained(), tmp_path, load=lambda p: None)
+    pre = Prelabeler(UncertaintyEstimator(YoloDetector.untrained()), tmp_path, load=lambda p: None)
     service = Service(GrabCutSegmenter(), MediaFetcher(settings), 10**8, prelabeler=pre)
     with serving(create_app(settings, service)) as url:
         health = requests.get(f"{url}/health", timeout=5).json()
@@ -162,10 +180,3 @@ def test_resolve_model_path(tmp_path):
     for bad in ["../x.pt", "/etc/passwd", "a/../../x.pt"]:
         with pytest.raises(ApiError):
             resolve_model_path(tmp_path, bad)
-
-
-def test_task_difficulty_counts_every_region_and_miss_risk():
-    r = lambda u: Region("a", "box", (0, 0, 1, 1, 0), 0.5, u)  # noqa: E731
-    assert task_difficulty([]) == 0.0
-    assert task_difficulty([r(0.5), r(0.5)]) == pytest.approx(0.75)
-    assert task_difficulty([r(0.1)], extra_risk=0.5) == pytest.approx(0.55)

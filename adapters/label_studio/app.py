@@ -6,8 +6,10 @@ Bad input always gets a 4xx JSON answer {"error": "..."}; nothing else ever sees
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
+from pathlib import Path
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -179,19 +181,36 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
 
 
 def build_prelabeler(settings: Settings):
-    """The default detector from YOLO_WEIGHTS (a startup error if it cannot load), else untrained."""
-    from ...backends.detect import YoloDetector, create_detector
+    """The default detector from YOLO_WEIGHTS (a startup error if it cannot load), else untrained.
+
+    Each detector is wrapped in an UncertaintyEstimator; a calibration file saved beside the weights
+    (`<weights stem>.calibration.json`, written by `labelassist evaluate --save-calibration` or by
+    training) is loaded with it.
+    """
+    from ...backends.detect import ModelLoadError, YoloDetector, create_detector
+    from ...backends.uncertainty import UncertaintyEstimator, calibration_path
 
     from .prelabel import Prelabeler
 
-    def load(path):
-        return create_detector(path, settings.device, settings.detect_conf)
+    tta = tuple(v.strip() for v in settings.uncertainty_tta.split(",") if v.strip())
+
+    def wrap(detector, calibration: Path | None = None):
+        if calibration is not None and calibration.is_file():
+            try:
+                saved = json.loads(calibration.read_text())
+                return UncertaintyEstimator.from_dict(detector, {**saved, "tta": tta or saved.get("tta", ())})
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ModelLoadError(f"calibration file {calibration.name} is unreadable: {exc}") from None
+        return UncertaintyEstimator(detector, tta=tta, low_conf=settings.uncertainty_low_conf)
+
+    def load(path: Path):
+        return wrap(create_detector(path, settings.device, settings.detect_conf), calibration_path(path))
 
     weights = settings.yolo_weights
     if weights is not None and not weights.is_absolute():
         weights = settings.models_dir / weights
-    default = load(weights) if weights else YoloDetector.untrained()
-    if not default.trained:
+    default = load(weights) if weights else wrap(YoloDetector.untrained())
+    if not default.detector.trained:
         log.warning("detector is untrained (YOLO_WEIGHTS unset): pre-labels will be empty")
     return Prelabeler(default, settings.models_dir, load, settings.polygon_tolerance, settings.detect_batch)
 

@@ -1,5 +1,8 @@
 """Batch pre-labels: every image control the configured detectors can fill, for many tasks at once.
 
+A "model" here is a backends.uncertainty.UncertaintyEstimator around a detector: `predict(images)`
+gives one Prediction per image (regions with calibrated uncertainty, and the image's difficulty).
+
 Which detector fills a control: the control's own `model_path` attribute (a weights file inside
 MODELS_DIR), else the default YOLO_WEIGHTS. A control is filled only when its type fits the
 model's task (boxes -> RectangleLabels, instance masks -> PolygonLabels/BrushLabels, keypoints ->
@@ -15,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from ...backends.types import Region
+from ...backends.types import Prediction
+from ...backends.uncertainty import combine_difficulty
 from ..errors import ApiError
 from .config import Control, ParsedConfig
 from .results import detection_results
@@ -36,7 +40,11 @@ TASK_OUTPUTS = {
 class Target:
     control: Control
     image: str  # the Image object name
-    detector: object
+    model: object  # UncertaintyEstimator
+
+    @property
+    def detector(self):
+        return self.model.detector
 
 
 def resolve_model_path(models_dir: Path, value: str | Path) -> Path:
@@ -50,9 +58,9 @@ def resolve_model_path(models_dir: Path, value: str | Path) -> Path:
 
 
 class Prelabeler:
-    def __init__(self, default_detector, models_dir: Path, load: Callable[[Path], object],
+    def __init__(self, default_model, models_dir: Path, load: Callable[[Path], object],
                  polygon_tolerance: float = 1.0, batch: int = 16):
-        self.default = default_detector
+        self.default = default_model
         self.models_dir = models_dir
         self._load = load
         self._loaded: dict[Path, object] = {}
@@ -60,7 +68,7 @@ class Prelabeler:
         self.polygon_tolerance = polygon_tolerance
         self.batch = batch
 
-    def detector_for(self, control: Control):
+    def model_for(self, control: Control):
         value = control.attr("model_path")
         if not value:
             return self.default
@@ -77,14 +85,15 @@ class Prelabeler:
     def targets(self, config: ParsedConfig) -> list[Target]:
         out = []
         for control in config.controls.values():
-            detector = self.detector_for(control) if control.attr("model_path") or control.tag in _ALL_OUTPUTS else None
-            if detector is None or not getattr(detector, "trained", False):
+            if control.tag not in _ALL_OUTPUTS and not control.attr("model_path"):
                 continue
-            if control.tag not in TASK_OUTPUTS.get(detector.task, ()):
+            model = self.model_for(control)
+            detector = model.detector
+            if not detector.trained or control.tag not in TASK_OUTPUTS.get(detector.task, ()):
                 continue
             for image in control.to_name:
                 if image in config.images:
-                    out.append(Target(control, image, detector))
+                    out.append(Target(control, image, model))
         return out
 
     def unmatched_labels(self, config: ParsedConfig) -> dict[str, list[str]]:
@@ -101,41 +110,34 @@ class Prelabeler:
                 report[target.control.name] = missing
         return report
 
-    def predict(self, tasks: list[dict], images: list[dict[str, np.ndarray]], config: ParsedConfig,
-                targets: list[Target]) -> list[tuple[list[dict], list[Region]]]:
-        """Results and the regions behind them, per task; `images[i]` maps image name -> array."""
-        out: list[tuple[list[dict], list[Region]]] = [([], []) for _ in tasks]
-        by_detector: dict[int, list[Target]] = {}
+    def predict(self, tasks: list[dict], images: list[dict[str, np.ndarray]],
+                targets: list[Target]) -> list[tuple[list[dict], float]]:
+        """Results and difficulty (P(needs work)) per task; `images[i]` maps image name -> array.
+
+        A task's difficulty combines the difficulty of every (model, image) prediction it got."""
+        out: list[tuple[list[dict], list[float]]] = [([], []) for _ in tasks]
+        by_model: dict[int, list[Target]] = {}
         for target in targets:
-            by_detector.setdefault(id(target.detector), []).append(target)
-        for group in by_detector.values():
-            detector = group[0].detector
+            by_model.setdefault(id(target.model), []).append(target)
+        for group in by_model.values():
+            model = group[0].model
             for image_name in sorted({t.image for t in group}):
                 idx = [i for i, imgs in enumerate(images) if image_name in imgs]
                 for start in range(0, len(idx), self.batch):
                     chunk = idx[start:start + self.batch]
-                    regions_per_image = detector.predict([images[i][image_name] for i in chunk])
-                    for i, regions in zip(chunk, regions_per_image):
+                    predictions: list[Prediction] = model.predict([images[i][image_name] for i in chunk])
+                    for i, prediction in zip(chunk, predictions):
+                        out[i][1].append(prediction.difficulty)
                         h, w = images[i][image_name].shape[:2]
                         for target in (t for t in group if t.image == image_name):
-                            for region in regions:
+                            for region in prediction.regions:
                                 label = target.control.label_for(region.label)
                                 if label is None and region.kind != "keypoints":
                                     continue  # a class with no label in this control is dropped
                                 results = detection_results(region, target.control, image_name, label, w, h,
                                                             self.polygon_tolerance)
-                                if results:
-                                    out[i][0].extend(results)
-                                    out[i][1].append(region)
-        return out
+                                out[i][0].extend(results)
+        return [(results, combine_difficulty(difficulties)) for results, difficulties in out]
 
 
 _ALL_OUTPUTS = {tag for tags in TASK_OUTPUTS.values() for tag in tags}
-
-
-def task_difficulty(regions: list[Region], extra_risk: float = 0.0) -> float:
-    """Probability that a task's pre-annotation needs work: any region wrong, or a miss."""
-    keep = (1.0 - float(extra_risk))
-    for region in regions:
-        keep *= 1.0 - float(region.uncertainty)
-    return float(np.clip(1.0 - keep, 0.0, 1.0))

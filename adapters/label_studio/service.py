@@ -19,7 +19,7 @@ from ..errors import ApiError
 from .config import ParsedConfig
 from .interactive import SmartRequest
 from .media import MediaFetcher
-from .prelabel import Prelabeler, task_difficulty
+from .prelabel import Prelabeler
 from .results import mask_results
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,17 @@ class Service:
     @property
     def model_version(self) -> str:
         version = f"labelassist-{__version__}-{self.segmenter.model_id}"
-        detector = self.prelabeler.default if self.prelabeler else None
-        if detector is not None and detector.trained:
-            version += f"-{detector.model_id}-{getattr(detector, 'score_version', 'u0')}"
+        model = self.prelabeler.default if self.prelabeler else None
+        if model is not None and model.detector.trained:
+            # The detector's weights and the score definition/calibration: either changing changes it.
+            version += f"-{model.model_version}"
         return version
 
     def describe(self) -> dict:
         info = dict(self.segmenter.describe())
         if self.prelabeler is not None:
-            info["detector"] = self.prelabeler.default.describe()
+            model = self.prelabeler.default
+            info["detector"] = {**model.detector.describe(), "score_version": model.score_version}
         return info
 
     # --- embeddings -------------------------------------------------------------------------
@@ -131,12 +133,8 @@ class Service:
         for task in tasks:
             images.append({name: self.fetcher.load_image(ref.url, ref.task_id)
                            for name in needed for ref in [image_ref(task, config, name)]})
-        predictions = []
-        for results, regions in self.prelabeler.predict(tasks, images, config, targets):
-            difficulty = task_difficulty(regions)
-            predictions.append({"result": results, "score": round(1.0 - difficulty, 4),
-                                "model_version": self.model_version})
-        return predictions
+        return [{"result": results, "score": round(1.0 - difficulty, 4), "model_version": self.model_version}
+                for results, difficulty in self.prelabeler.predict(tasks, images, targets)]
 
     def shutdown(self) -> None:
         self._warm_pool.shutdown(wait=False, cancel_futures=True)
