@@ -180,3 +180,39 @@ def test_resolve_model_path(tmp_path):
     for bad in ["../x.pt", "/etc/passwd", "a/../../x.pt"]:
         with pytest.raises(ApiError):
             resolve_model_path(tmp_path, bad)
+
+
+def test_calibration_beside_the_weights_is_loaded_and_changes_model_version(tmp_path):
+    import json
+
+    from labelassist.adapters.label_studio.app import build_prelabeler
+    from labelassist.adapters.label_studio.service import Service
+    from labelassist.backends.detect import ModelLoadError
+    from labelassist.backends.detect.yolo import import_ultralytics
+    from labelassist.backends.uncertainty import Calibrator, calibration_path
+
+    import_ultralytics()
+    from ultralytics import YOLO
+
+    weights = tmp_path / "det.pt"
+    YOLO("yolov8n.yaml").save(weights)  # an architecture file: nothing is downloaded
+    settings = Settings(models_dir=tmp_path, yolo_weights="det.pt", device="cpu", media_cache_dir=tmp_path / "m")
+
+    def version():
+        pre = build_prelabeler(settings)
+        return Service(GrabCutSegmenter(), MediaFetcher(settings), 1, prelabeler=pre).model_version, pre
+
+    plain, pre = version()
+    assert pre.default.calibrator.is_identity and plain == version()[0]  # stable across builds
+    rng = np.random.default_rng(0)
+    raw = rng.random(200)
+    fitted = Calibrator().fit(raw, rng.random(200) < raw)
+    estimator = pre.default
+    estimator.calibrator = fitted
+    calibration_path(weights).write_text(json.dumps(estimator.to_dict()))
+    calibrated, pre2 = version()
+    assert not pre2.default.calibrator.is_identity
+    assert calibrated != plain
+    calibration_path(weights).write_text("{not json")
+    with pytest.raises(ModelLoadError, match="det.calibration.json"):
+        build_prelabeler(settings)
