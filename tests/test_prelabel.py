@@ -216,3 +216,25 @@ def test_calibration_beside_the_weights_is_loaded_and_changes_model_version(tmp_
     calibration_path(weights).write_text("{not json")
     with pytest.raises(ModelLoadError, match="det.calibration.json"):
         build_prelabeler(settings)
+
+
+def test_explicit_model_that_cannot_fill_its_control_is_a_clear_4xx(media, tmp_path):
+    det = FakeDetector("detect", [box("car", 1, 1, 50, 50)], ["car", "bus"])
+    models = {"boxes.pt": det, "pose.pt": FakeDetector("pose", [], ["person"])}
+    settings = Settings(label_studio_url=media, media_cache_dir=tmp_path / "m", models_dir=tmp_path)
+    pre = Prelabeler(UncertaintyEstimator(FakeDetector("detect", [], ["x"])), tmp_path,
+                     load=lambda p: UncertaintyEstimator(models[p.name], tta=()))
+    service = Service(GrabCutSegmenter(), MediaFetcher(settings), 10**8, prelabeler=pre)
+    no_class = cfg('<RectangleLabels name="r" toName="img" model_path="boxes.pt"><Label value="Tree"/></RectangleLabels>')
+    wrong_kind = cfg('<RectangleLabels name="r" toName="img" model_path="pose.pt"><Label value="Person"/></RectangleLabels>')
+    mapped = cfg('<RectangleLabels name="r" toName="img" model_path="boxes.pt">'
+                 '<Label value="Tree"/><Label value="Vehicle" predicted_values="car"/></RectangleLabels>')
+    with serving(create_app(settings, service)) as url:
+        r1 = requests.post(f"{url}/setup", json={"schema": no_class}, timeout=5)
+        r2 = predict(url, wrong_kind)
+        r3 = requests.post(f"{url}/setup", json={"schema": mapped}, timeout=5)
+        r4 = predict(url, mapped)
+    assert r1.status_code == 400 and "none of its labels ['Tree']" in r1.json()["error"] and "car" in r1.json()["error"]
+    assert r2.status_code == 400 and "pose model" in r2.json()["error"]
+    assert r3.status_code == 200 and r3.json()["labels_without_model_class"] == {"r": ["Tree"]}
+    assert [r["value"]["rectanglelabels"] for r in r4.json()["results"][0]["result"]] == [["Vehicle"]]

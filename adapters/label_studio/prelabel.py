@@ -89,8 +89,18 @@ class Prelabeler:
                 continue
             model = self.model_for(control)
             detector = model.detector
-            if not detector.trained or control.tag not in TASK_OUTPUTS.get(detector.task, ()):
+            if not detector.trained:
                 continue
+            explicit = control.attr("model_path")
+            if control.tag not in TASK_OUTPUTS.get(detector.task, ()):
+                if explicit:
+                    raise ApiError(400, f"control {control.name!r} is a {control.tag}, which a {detector.task} "
+                                        f"model ({explicit}) cannot fill")
+                continue
+            if explicit and control.labels and not _mapped_labels(control, detector):
+                raise ApiError(400, f"control {control.name!r}: none of its labels {list(control.labels)} is a "
+                                    f"class of {explicit} {sorted(detector.class_names.values())}; name them "
+                                    f"alike or add predicted_values=\"class,...\" to a <Label>")
             for image in control.to_name:
                 if image in config.images:
                     out.append(Target(control, image, model))
@@ -100,11 +110,7 @@ class Prelabeler:
         """Per control that a detector fills: its labels that no model class maps to."""
         report = {}
         for target in self.targets(config):
-            classes = {str(n).strip().lower() for n in target.detector.class_names.values()}
-            mapped = {label for name, label in target.control.class_map if name in classes}
-            if target.detector.task == "pose":
-                mapped |= {label for name, label in target.control.class_map
-                           if name in {k.lower() for k in getattr(target.detector, "keypoint_names", ())}}
+            mapped = _mapped_labels(target.control, target.detector)
             missing = [label for label in target.control.labels if label not in mapped]
             if missing:
                 report[target.control.name] = missing
@@ -138,6 +144,14 @@ class Prelabeler:
                                                             self.polygon_tolerance)
                                 out[i][0].extend(results)
         return [(results, combine_difficulty(difficulties)) for results, difficulties in out]
+
+
+def _mapped_labels(control: Control, detector) -> set[str]:
+    """The control's labels that some model class (or, for pose, keypoint name) maps to."""
+    names = {str(n).strip().lower() for n in detector.class_names.values()}
+    if detector.task == "pose":
+        names |= {k.strip().lower() for k in getattr(detector, "keypoint_names", [])}
+    return {label for name, label in control.class_map if name in names}
 
 
 _ALL_OUTPUTS = {tag for tags in TASK_OUTPUTS.values() for tag in tags}

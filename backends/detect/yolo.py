@@ -345,6 +345,14 @@ class YoloDetector:
         margin = float(probs[order[0]] - probs[order[1]]) if len(order) > 1 else float(probs[top1])
         return [self._region("class", None, top1, probs[top1], {"probs": probs, "margin": margin})]
 
+    @property
+    def keypoint_names(self) -> list[str]:
+        """Every keypoint name the model knows (pose models trained with `kpt_names`), else []."""
+        names = self._keypoint_names
+        if isinstance(names, dict):
+            return [str(n) for group in names.values() for n in group]
+        return [str(n) for n in names] if names is not None else []
+
     def _kpt_names(self, cls: int, k: int) -> list[str]:
         names = self._keypoint_names
         if isinstance(names, dict):
