@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Label Studio lives in its own environment: its pins clash with ours.
+LS_VENV ?= .venv-ls
+LS_VERSION ?= >=1.23,<1.24
 
-.PHONY: serve test test-fast bench clean
+.PHONY: serve test test-fast bench demo chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,16 +17,31 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
-# Tests build tiny Segment Anything and YOLO models: the `sam` and `yolo` extras (PyTorch from PyPI).
+# Tests build tiny Segment Anything and YOLO models: the `sam` and `yolo` extras (PyTorch from PyPI),
+# and drive a browser with Playwright (its Python package only: the browser is Debian's chromium).
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[sam,yolo,test]'
 	touch $(VENV)/.core $@
 
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/pip install --quiet 'label-studio$(LS_VERSION)'
+	touch $@
+
+# The browser test needs Debian's chromium (root installs it; CI runs as root).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 serve: $(VENV)/.core
 	$(BIN)/labelassist serve
 
-# Everything, slow end-to-end tests included: this is what CI runs.
-test: $(VENV)/.test
+# Label Studio and the backend on loopback with a generated demo project; Ctrl-C stops both.
+demo: $(VENV)/.core $(LS_VENV)/.installed
+	$(BIN)/labelassist demo
+
+# Everything, slow end-to-end tests in a real Label Studio and Chromium included: this is what CI runs.
+test: $(VENV)/.test $(LS_VENV)/.installed chromium
 	$(BIN)/python -m pytest
 
 # The quick loop while developing.
@@ -34,4 +52,4 @@ bench: $(VENV)/.test
 	$(BIN)/python bench/click_latency.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache test-artifacts

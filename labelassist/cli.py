@@ -45,13 +45,30 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["evaluate"]:
+        from .evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="labelassist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the Label Studio ML backend (gunicorn)")
     serve.add_argument("--host", help="bind address (default: HOST setting)")
     serve.add_argument("--port", type=int, help="port (default: PORT setting)")
     serve.set_defaults(func=_serve)
+    sub.add_parser("evaluate", help="score a detector and its uncertainty on a labelled data set "
+                                    "(see: labelassist evaluate --help)")
+    demo = sub.add_parser("demo", add_help=False,
+                          help="start Label Studio (from .venv-ls) and the backend with a demo project")
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     from .settings import get_settings
 
