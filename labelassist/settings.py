@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     uncertainty_tta: str = Field("hflip,scale0.8", description="Test-time views whose disagreement feeds the uncertainty score (comma-separated: hflip, scaleF); empty for none.")
     uncertainty_low_conf: float = Field(0.05, ge=0, le=1, description="Detections between this and DETECT_CONF count as possible misses in the task score.")
 
+    # --- training (the Train button) ---
+    registry_dir: Path = Field(Path("models/registry"), description="Versioned model store (a shared volume for several replicas); its current version is served over YOLO_WEIGHTS.")
+    train_epochs: int = Field(30, ge=1, description="Epochs per training job.")
+    train_imgsz: int = Field(320, ge=32, description="Training and validation image size.")
+    train_min_images: int = Field(4, ge=2, description="Fewest annotated images a training job accepts.")
+    train_after_annotations: int = Field(0, ge=0, description="Start training after this many ANNOTATION_CREATED/UPDATED/DELETED events per project; 0: off.")
+    webhook_secret: SecretStr | None = Field(None, description="Shared secret that annotation webhooks must carry (?secret=... in the webhook URL or an X-Labelassist-Secret header).")
+    train_export_attempts: int = Field(4, ge=1, description="Attempts to pull annotations from Label Studio before a training job fails.")
+    train_export_backoff: float = Field(2.0, ge=0, description="Seconds before the first retry of a failed export; doubles each time.")
+
     # --- Label Studio and media ---
     label_studio_url: str | None = Field(None, description="Base URL of Label Studio, e.g. http://localhost:8080.")
     label_studio_api_key: SecretStr | None = Field(None, description="Personal access token (JWT refresh token) or legacy token.")

@@ -21,6 +21,8 @@ from .config import parse_label_config
 from .interactive import parse_context
 from .media import MediaError, MediaFetcher
 from .service import ImageRef, Service, image_ref
+from .training import Trainer
+from ...jobs import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +65,18 @@ class Metrics:
               registry=self.registry).labels(service.model_version).set(1)
 
 
-def create_app(settings: Settings | None = None, service: Service | None = None) -> Flask:
+def create_app(settings: Settings | None = None, service: Service | None = None,
+               trainer: Trainer | None = None) -> Flask:
     settings = settings or get_settings()
     if service is None:
         from ...backends.segment import create_segmenter
 
         segmenter = create_segmenter(settings.segmenter, settings.sam_checkpoint, settings.sam_model_type,
                                      settings.device, settings.embedding_cache_fp16)
+        prelabeler, load = build_prelabeler(settings, return_loader=True)
         service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
-                          settings.polygon_tolerance, prelabeler=build_prelabeler(settings))
+                          settings.polygon_tolerance, prelabeler=prelabeler)
+        trainer = Trainer(settings, service, JobRunner(), load)
     app = Flask("labelassist")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["labelassist"] = service
@@ -163,6 +168,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise ApiError(400, "webhook body has no 'action'")
+        if action == "START_TRAINING" or action.startswith("ANNOTATION"):
+            return _training_event(action, body)
         if action == "TASKS_CREATED" and settings.warm_cache_on_predict:
             project = body.get("project") or {}
             config = parse_label_config(project.get("label_config")) if isinstance(project, dict) else None
@@ -173,6 +180,38 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             return jsonify(status="ok", action=action, warming=queued), 200
         return jsonify(status="ignored", action=action), 200
 
+    def _training_event(action: str, body: dict):
+        project = body.get("project")
+        project_id = project.get("id") if isinstance(project, dict) else project
+        if isinstance(project_id, str) and project_id.split(".")[0].isdigit():
+            project_id = int(project_id.split(".")[0])
+        if not isinstance(project_id, int) or isinstance(project_id, bool):
+            raise ApiError(400, f"{action} needs the project id (project.id)")
+        if trainer is None:
+            raise ApiError(409, "this backend was started without training")
+        if action != "START_TRAINING":
+            # Label Studio sends annotation webhooks without credentials: a shared secret instead.
+            secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+            given = request.args.get("secret") or request.headers.get("X-Labelassist-Secret") or ""
+            if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+                raise ApiError(401, "annotation webhooks need the shared secret (WEBHOOK_SECRET) "
+                                    "as ?secret=... or an X-Labelassist-Secret header")
+            started = trainer.annotation_event(project_id)
+            if started is None:
+                return jsonify(status="counted", action=action), 200
+        else:
+            started = trainer.start(project_id)
+        job, created = started
+        return jsonify(status="queued" if created else "already running", job_id=job.id, state=job.state,
+                       action=action), 201 if created else 200
+
+    @app.get("/jobs/<job_id>")
+    def job_status(job_id: str):
+        job = trainer.runner.get(job_id) if trainer else None
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        return jsonify(job.to_dict())
+
     @app.get("/metrics")
     def prometheus():
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
@@ -180,7 +219,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     return app
 
 
-def build_prelabeler(settings: Settings):
+def build_prelabeler(settings: Settings, return_loader: bool = False):
     """The default detector from YOLO_WEIGHTS (a startup error if it cannot load), else untrained.
 
     Each detector is wrapped in an UncertaintyEstimator; a calibration file saved beside the weights
@@ -206,13 +245,19 @@ def build_prelabeler(settings: Settings):
     def load(path: Path):
         return wrap(create_detector(path, settings.device, settings.detect_conf), calibration_path(path))
 
+    from ...backends.registry import ModelRegistry
+
+    current = ModelRegistry(settings.registry_dir).current() if settings.registry_dir.is_dir() else None
     weights = settings.yolo_weights
     if weights is not None and not weights.is_absolute():
         weights = settings.models_dir / weights
+    if current is not None:  # a version trained here wins over the configured base weights
+        weights = current.weights
     default = load(weights) if weights else wrap(YoloDetector.untrained())
     if not default.detector.trained:
         log.warning("detector is untrained (YOLO_WEIGHTS unset): pre-labels will be empty")
-    return Prelabeler(default, settings.models_dir, load, settings.polygon_tolerance, settings.detect_batch)
+    prelabeler = Prelabeler(default, settings.models_dir, load, settings.polygon_tolerance, settings.detect_batch)
+    return (prelabeler, load) if return_loader else prelabeler
 
 
 def _refs(tasks: list[dict], config) -> list[ImageRef]:

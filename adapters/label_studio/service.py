@@ -121,6 +121,11 @@ class Service:
                 results.append(result)
         return {"result": results, "score": region.score, "model_version": self.model_version}
 
+    def replace_default_model(self, model) -> None:
+        """Serve another default detector model (a newly promoted version) from the next request on."""
+        self.prelabeler.default = model
+        log.info("now serving %s", self.model_version)
+
     # --- pre-labels -------------------------------------------------------------------------
     def prelabel(self, tasks: list[dict], config: ParsedConfig) -> list[dict]:
         """One prediction per task, in order: detector pre-labels with a task score that is low when
