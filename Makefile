@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LS_VENV ?= .venv-ls
 LS_VERSION ?= >=1.23,<1.24
 
-.PHONY: serve test test-fast bench demo chromium clean
+.PHONY: serve test test-fast bench bench-train demo system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,12 @@ $(LS_VENV)/.installed:
 	$(LS_VENV)/bin/pip install --quiet 'label-studio$(LS_VERSION)'
 	touch $@
 
-# The browser test needs Debian's chromium (root installs it; CI runs as root).
-chromium:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+# System packages the tests start for real: Debian's chromium (the browser test) and redis-server
+# (RQ jobs). Root installs them when missing; CI runs as root.
+system-deps:
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 serve: $(VENV)/.core
 	$(BIN)/labelassist serve
@@ -41,7 +44,7 @@ demo: $(VENV)/.core $(LS_VENV)/.installed
 	$(BIN)/labelassist demo
 
 # Everything, slow end-to-end tests in a real Label Studio and Chromium included: this is what CI runs.
-test: $(VENV)/.test $(LS_VENV)/.installed chromium
+test: $(VENV)/.test $(LS_VENV)/.installed system-deps
 	$(BIN)/python -m pytest
 
 # The quick loop while developing.
@@ -50,6 +53,10 @@ test-fast: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/click_latency.py
+
+# Train button -> new version serving, and held-out mAP50 before/after (a few minutes on CPU).
+bench-train: $(VENV)/.test
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .pytest_cache test-artifacts

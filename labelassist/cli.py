@@ -45,6 +45,51 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .jobs import work
+    from .settings import get_settings
+
+    settings = get_settings()
+    if settings.redis_url is None:
+        print("labelassist: `worker` needs REDIS_URL (the RQ queue the server enqueues training to)",
+              file=sys.stderr)
+        return 2
+    print(f"labelassist: worker on queue {settings.queue_name!r}, registry {settings.registry_dir}", flush=True)
+    work(settings.redis_url.get_secret_value(), settings.queue_name, burst=args.burst)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    """`labelassist models`: the registry's versions; `labelassist rollback [VERSION]`."""
+    import json
+
+    from .backends.registry import ModelRegistry, RegistryError
+    from .settings import get_settings
+
+    registry = ModelRegistry(get_settings().registry_dir)
+    if args.command == "rollback":
+        try:
+            version = registry.rollback(args.version)
+        except RegistryError as exc:
+            print(f"labelassist: rollback failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"current model version: {version.version_id} (servers pick it up on their next request)")
+        return 0
+    current = registry.pointed()
+    rows = [{"version": v.version_id, "status": v.status, "current": v.version_id == current,
+             "intact": registry.is_valid(v), "parent": v.parent,
+             "map50": v.metrics.get("map50"), "created": v.created} for v in registry.versions()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            mark = "*" if r["current"] else " "
+            map50 = "-" if r["map50"] is None else f"{r['map50']:.3f}"
+            print(f"{mark} {r['version']}  {r['status']:<11} mAP50 {map50}  parent {r['parent'] or '-'}"
+                  f"{'' if r['intact'] else '  CORRUPT'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -63,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="bind address (default: HOST setting)")
     serve.add_argument("--port", type=int, help="port (default: PORT setting)")
     serve.set_defaults(func=_serve)
+    worker = sub.add_parser("worker", help="run training jobs from the RQ queue (needs REDIS_URL)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=_worker)
+    models = sub.add_parser("models", help="list the model registry's versions (* = served)")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_models)
+    rollback = sub.add_parser("rollback", help="serve an earlier model version (default: the one before)")
+    rollback.add_argument("version", nargs="?", help="version id, e.g. v0003")
+    rollback.set_defaults(func=_models)
     sub.add_parser("evaluate", help="score a detector and its uncertainty on a labelled data set "
                                     "(see: labelassist evaluate --help)")
     demo = sub.add_parser("demo", add_help=False,

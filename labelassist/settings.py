@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     train_export_attempts: int = Field(4, ge=1, description="Attempts to pull annotations from Label Studio before a training job fails.")
     train_export_backoff: float = Field(2.0, ge=0, description="Seconds before the first retry of a failed export; doubles each time.")
 
+    # --- jobs and scale-out ---
+    redis_url: SecretStr | None = Field(None, description="redis://host:6379/0: training jobs go to an RQ queue that `labelassist worker` processes run (any machine sharing REGISTRY_DIR); unset: one in-process worker thread.")
+    queue_name: str = Field("labelassist", description="RQ queue the server enqueues to and `labelassist worker` listens on.")
+    job_timeout: int = Field(6 * 3600, ge=60, description="Seconds a queued job may run before RQ stops it.")
+
     # --- Label Studio and media ---
     label_studio_url: str | None = Field(None, description="Base URL of Label Studio, e.g. http://localhost:8080.")
     label_studio_api_key: SecretStr | None = Field(None, description="Personal access token (JWT refresh token) or legacy token.")

@@ -8,57 +8,13 @@ import time
 
 import pytest
 import requests
-from flask import Flask, abort, jsonify, request
 
 from labelassist.adapters.label_studio.app import create_app
 from labelassist.backends.registry import ModelRegistry
 from labelassist.settings import Settings
-from servers import png_bytes, serving
-from synthetic_detection import CLASSES, make_detection_scene
+from fake_label_studio import CONFIG, fake_label_studio
+from servers import serving
 
-LABELS = "".join(f'<Label value="{c}"/>' for c in CLASSES)
-CONFIG = f'<View><Image name="img" value="$image"/><RectangleLabels name="r" toName="img">{LABELS}</RectangleLabels></View>'
-SIZE = (160, 160)
-
-
-def annotated_task(i: int, scene) -> dict:
-    h, w = scene.image.shape[:2]
-    result = [{"from_name": "r", "to_name": "img", "type": "rectanglelabels", "original_width": w,
-               "original_height": h, "image_rotation": 0,
-               "value": {"x": o.box[0] * 100 / w, "y": o.box[1] * 100 / h, "width": (o.box[2] - o.box[0]) * 100 / w,
-                         "height": (o.box[3] - o.box[1]) * 100 / h, "rotation": 0, "rectanglelabels": [o.name]}}
-              for o in scene.objects]
-    return {"id": i, "data": {"image": f"/data/upload/{i}.png"}, "annotations": [
-        {"id": 100 + i, "result": result, "was_cancelled": False, "created_at": "2026-11-23T10:00:00Z",
-         "updated_at": "2026-11-23T10:00:00Z"}], "predictions": []}
-
-
-def fake_label_studio(n: int, token: str = "legacy-token") -> Flask:
-    scenes = [make_detection_scene(1000 + i, SIZE) for i in range(n)]
-    tasks = [annotated_task(i, s) for i, s in enumerate(scenes)]
-    images = {f"{i}.png": png_bytes(s.image) for i, s in enumerate(scenes)}
-    app = Flask("fake-ls")
-
-    @app.before_request
-    def auth():
-        if request.headers.get("Authorization") != f"Token {token}":
-            abort(401)
-
-    @app.get("/api/projects/<int:pid>/")
-    def project(pid):
-        return jsonify(id=pid, title="p", label_config=CONFIG)
-
-    @app.get("/api/tasks/")
-    def task_list():
-        page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
-        chunk = tasks[(page - 1) * size: page * size]
-        return jsonify(tasks=chunk, total=len(tasks), total_annotations=len(tasks), total_predictions=0)
-
-    @app.get("/data/upload/<name>")
-    def upload(name):
-        return images[name], 200, {"Content-Type": "image/png"}
-
-    return app
 
 
 def settings_for(ls_url, tmp_path, **kw) -> Settings:
@@ -84,6 +40,10 @@ def train_click(url, project=1):
     return requests.post(f"{url}/webhook", json={"action": "START_TRAINING", "project": {"id": project}}, timeout=10)
 
 
+def health(url):
+    return requests.get(f"{url}/health", timeout=10).json()
+
+
 def version(url):
     return requests.post(f"{url}/setup", json={"schema": CONFIG}, timeout=10).json()["model_version"]
 
@@ -103,7 +63,8 @@ def test_train_button_trains_publishes_and_serves_the_new_version(tmp_path):
             assert job["progress"]["epochs"] == 20 and job["progress"]["epoch"] == 20
             assert job["result"]["promoted"] is True
             after = version(url)
-            assert after != before and after == job["result"]["model_version"]
+            assert after != before
+            assert health(url)["detector"]["registry_version"] == job["result"]["version"]
             # the new version pre-labels: tasks on the stand-in's images
             tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(3)]
             preds = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=60).json()
@@ -172,3 +133,85 @@ def test_train_without_project_id_is_a_clear_4xx(tmp_path):
     with serving(create_app(settings_for("http://127.0.0.1:9", tmp_path))) as url:
         resp = requests.post(f"{url}/webhook", json={"action": "START_TRAINING"}, timeout=5)
     assert resp.status_code == 400 and "project id" in resp.json()["error"]
+
+
+@pytest.mark.slow
+def test_train_on_an_rq_worker_killed_mid_training_then_trained_by_another(tmp_path):
+    """REDIS_URL set: the server only enqueues; `labelassist worker` processes (real RQ, real Redis)
+    train and publish to the shared registry; the server follows the registry's pointer."""
+    from servers import descendants, kill_tree, redis_server, worker_process
+
+    with serving(fake_label_studio(75)) as ls, redis_server(tmp_path) as redis_url:
+        settings = settings_for(ls, tmp_path, train_epochs=20, redis_url=redis_url)
+        worker_env = {"REDIS_URL": redis_url, "LABEL_STUDIO_URL": ls, "LABEL_STUDIO_API_KEY": "legacy-token",
+                      "REGISTRY_DIR": str(settings.registry_dir), "MODELS_DIR": str(settings.models_dir),
+                      "MEDIA_CACHE_DIR": str(tmp_path / "worker-media"), "DEVICE": "cpu",
+                      "TRAIN_EPOCHS": "20", "TRAIN_IMGSZ": "160", "UNCERTAINTY_TTA": ""}
+        with serving(create_app(settings)) as url:
+            before = version(url)
+            with worker_process(worker_env, tmp_path / "worker1.log") as proc:
+                first = train_click(url).json()["job_id"]
+                deadline = time.time() + 120
+                while requests.get(f"{url}/jobs/{first}", timeout=5).json()["progress"].get("epoch", 0) < 2:
+                    assert time.time() < deadline, (tmp_path / "worker1.log").read_text()[-3000:]
+                    time.sleep(0.2)
+                assert descendants(proc.pid)
+                kill_tree(proc.pid)  # mid-training, no goodbye
+                proc.wait(5)
+            killed = wait_job(url, first, timeout=60)
+            assert killed["state"] == "failed" and "worker lost" in killed["error"]
+            assert version(url) == before  # the old model keeps serving
+            registry = ModelRegistry(settings.registry_dir)
+            assert registry.current() is None and registry.versions() == []
+            with worker_process(worker_env, tmp_path / "worker2.log"):
+                second = train_click(url)
+                assert second.status_code == 201 and second.json()["job_id"] != first
+                job = wait_job(url, second.json()["job_id"])
+            assert job["state"] == "finished", (job, (tmp_path / "worker2.log").read_text()[-3000:])
+            assert job["result"]["promoted"] is True and job["progress"]["epoch"] == 20
+            after = version(url)  # /setup looks at the registry: Label Studio sees the new version
+            assert after != before
+            assert health(url)["detector"]["registry_version"] == job["result"]["version"]
+            tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(3)]
+            preds = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=60).json()
+    assert all(p["model_version"] == after for p in preds["results"])
+    assert sum(len(p["result"]) for p in preds["results"]) > 0
+
+
+def test_rollback_is_one_command_and_servers_follow_the_registry(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from labelassist.backends.detect.yolo import import_ultralytics
+
+    import_ultralytics()
+    from ultralytics import YOLO
+
+    registry = ModelRegistry(tmp_path / "models" / "registry")
+    for seed in (0, 1):  # two different (untrained) models, v0001 then v0002 promoted
+        torch.manual_seed(seed)
+        YOLO("yolov8n.yaml").save(tmp_path / f"w{seed}.pt")
+        registry.promote(registry.publish(tmp_path / f"w{seed}.pt", metrics={"map50": 0.1 * seed}))
+    settings = settings_for("http://127.0.0.1:9", tmp_path)
+    env = {**os.environ, "REGISTRY_DIR": str(settings.registry_dir)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "labelassist.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    with serving(create_app(settings)) as url:
+        assert health(url)["detector"]["registry_version"] == "v0002"
+        newest = version(url)
+        back = cli("rollback")
+        assert back.returncode == 0 and "v0001" in back.stdout, back.stderr
+        assert version(url) != newest  # /setup looks at the registry on every call
+        assert health(url)["detector"]["registry_version"] == "v0001"
+        listed = json.loads(cli("models", "--json").stdout)
+        assert [(r["version"], r["current"]) for r in listed] == [("v0001", True), ("v0002", False)]
+        forward = cli("rollback", "v0002")  # "rollback" to any intact version, newer ones too
+        assert forward.returncode == 0 and version(url) == newest
+        unknown = cli("rollback", "v0042")
+        assert unknown.returncode == 1 and "unknown model version 'v0042'" in unknown.stderr

@@ -22,7 +22,7 @@ from .interactive import parse_context
 from .media import MediaError, MediaFetcher
 from .service import ImageRef, Service, image_ref
 from .training import Trainer
-from ...jobs import JobRunner
+from ...jobs import JobRunner, RQJobRunner
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,13 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
 
         segmenter = create_segmenter(settings.segmenter, settings.sam_checkpoint, settings.sam_model_type,
                                      settings.device, settings.embedding_cache_fp16)
-        prelabeler, load = build_prelabeler(settings, return_loader=True)
+        prelabeler, load, served = build_prelabeler(settings, return_loader=True)
         service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
                           settings.polygon_tolerance, prelabeler=prelabeler)
-        trainer = Trainer(settings, service, JobRunner(), load)
+        from ...backends.registry import ModelRegistry
+
+        service.follow_registry(ModelRegistry(settings.registry_dir), load, served)
+        trainer = Trainer(settings, make_runner(settings))
     app = Flask("labelassist")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["labelassist"] = service
@@ -87,6 +90,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     def _start():
         g.start = time.perf_counter()
         g.mode = "-"
+        if request.path in ("/", "/health", "/setup", "/predict"):
+            # A newly promoted (or rolled back) version is picked up here; /setup looks every time.
+            service.refresh_model(force=request.path == "/setup")
         if settings.basic_auth_enabled and request.path not in ("/", "/health"):
             auth = request.authorization
             ok = (auth is not None and auth.type == "basic"
@@ -219,6 +225,14 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     return app
 
 
+def make_runner(settings: Settings):
+    """Training jobs: on the RQ queue when REDIS_URL is set (run by `labelassist worker`), else in a
+    background thread of this process."""
+    if settings.redis_url is not None:
+        return RQJobRunner(settings.redis_url.get_secret_value(), settings.queue_name, settings.job_timeout)
+    return JobRunner()
+
+
 def build_prelabeler(settings: Settings, return_loader: bool = False):
     """The default detector from YOLO_WEIGHTS (a startup error if it cannot load), else untrained.
 
@@ -247,7 +261,7 @@ def build_prelabeler(settings: Settings, return_loader: bool = False):
 
     from ...backends.registry import ModelRegistry
 
-    current = ModelRegistry(settings.registry_dir).current() if settings.registry_dir.is_dir() else None
+    current = ModelRegistry(settings.registry_dir).current()
     weights = settings.yolo_weights
     if weights is not None and not weights.is_absolute():
         weights = settings.models_dir / weights
@@ -257,7 +271,7 @@ def build_prelabeler(settings: Settings, return_loader: bool = False):
     if not default.detector.trained:
         log.warning("detector is untrained (YOLO_WEIGHTS unset): pre-labels will be empty")
     prelabeler = Prelabeler(default, settings.models_dir, load, settings.polygon_tolerance, settings.detect_batch)
-    return (prelabeler, load) if return_loader else prelabeler
+    return (prelabeler, load, current.version_id if current else None) if return_loader else prelabeler
 
 
 def _refs(tasks: list[dict], config) -> list[ImageRef]:

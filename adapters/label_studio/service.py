@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,7 +59,8 @@ class Service:
         info = dict(self.segmenter.describe())
         if self.prelabeler is not None:
             model = self.prelabeler.default
-            info["detector"] = {**model.detector.describe(), "score_version": model.score_version}
+            info["detector"] = {**model.detector.describe(), "score_version": model.score_version,
+                                "registry_version": getattr(self, "registry_version", None)}
         return info
 
     # --- embeddings -------------------------------------------------------------------------
@@ -121,10 +123,38 @@ class Service:
                 results.append(result)
         return {"result": results, "score": region.score, "model_version": self.model_version}
 
-    def replace_default_model(self, model) -> None:
-        """Serve another default detector model (a newly promoted version) from the next request on."""
-        self.prelabeler.default = model
-        log.info("now serving %s", self.model_version)
+    # --- following the model registry --------------------------------------------------------
+    def follow_registry(self, registry, load, served: str | None, every: float = 1.0) -> None:
+        """Serve the registry's current version: checked (one small file read) at most every
+        `every` seconds, loaded when it moves (training here or on a worker, a rollback)."""
+        self._registry, self._load_model, self.registry_version = registry, load, served
+        self._follow_every, self._follow_checked = every, 0.0
+        self._follow_lock = threading.Lock()
+
+    def refresh_model(self, force: bool = False) -> None:
+        registry = getattr(self, "_registry", None)
+        if registry is None or self.prelabeler is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._follow_checked < self._follow_every:
+            return
+        with self._follow_lock:
+            if not force and now - self._follow_checked < self._follow_every:
+                return
+            self._follow_checked = now
+            if registry.pointed() == self.registry_version:
+                return
+            current = registry.current()  # the pointed version if intact, else an earlier one
+            if current is None or current.version_id == self.registry_version:
+                return
+            try:
+                model = self._load_model(current.weights)
+            except Exception as exc:  # keep serving what we have; try again on the next check
+                log.error("cannot load model version %s, still serving %s: %s", current.version_id,
+                          self.registry_version, exc)
+                return
+            self.prelabeler.default, self.registry_version = model, current.version_id
+        log.info("now serving model version %s (%s)", current.version_id, self.model_version)
 
     # --- pre-labels -------------------------------------------------------------------------
     def prelabel(self, tasks: list[dict], config: ParsedConfig) -> list[dict]:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ...backends.registry import ModelRegistry
-from ...jobs import JobFailed, JobRunner
+from ...jobs import JobFailed
 from ...settings import Settings
 from .config import parse_label_config
 from .dataset import class_names, tasks_to_samples
+from .media import MediaFetcher
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,22 @@ def with_retries(what: str, fn: Callable[[], Any], attempts: int, backoff: float
 
 
 class Trainer:
-    def __init__(self, settings: Settings, service, runner: JobRunner, load_model: Callable[[Path], Any]):
+    """Turns webhook events into training jobs on a runner (in-process thread or RQ queue)."""
+
+    def __init__(self, settings: Settings, runner):
         self.settings = settings
-        self.service = service
         self.runner = runner
-        self.registry = ModelRegistry(settings.registry_dir)
-        self._load_model = load_model
         self._counts: dict[int, int] = {}
         self._counts_lock = threading.Lock()
 
-    # --- triggers -------------------------------------------------------------------------------
     def start(self, project_id: int):
-        """Queue a training job for the project; a job already queued or running is returned."""
-        return self.runner.submit("train", f"train:{project_id}", lambda progress: self.run(project_id, progress))
+        """Queue a training job for the project; a job already queued or running is returned.
+
+        An RQ worker reads its own settings (its machine's paths); in-process jobs use ours."""
+        kwargs: dict[str, Any] = {"project_id": project_id}
+        if not getattr(self.runner, "remote", False):
+            kwargs["settings"] = self.settings
+        return self.runner.submit("train", f"train:{project_id}", train_project, kwargs)
 
     def annotation_event(self, project_id: int):
         """Count an annotation event; start training when TRAIN_AFTER_ANNOTATIONS is reached."""
@@ -73,6 +77,24 @@ class Trainer:
                 return None
             self._counts[project_id] = 0
         return self.start(project_id)
+
+
+def train_project(progress: Callable[[dict], None], project_id: int, settings: Settings | None = None) -> dict:
+    """The training job (module-level: RQ workers import it by name)."""
+    from ...settings import get_settings
+
+    return TrainingJob(settings or get_settings()).run(project_id, progress)
+
+
+class TrainingJob:
+    """One training run: export, dataset, fine-tune, validate, calibrate, publish, maybe promote.
+
+    It never touches a serving process: promotion moves the registry's pointer, and every server
+    (this process or another machine's) follows the pointer on its next request."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = ModelRegistry(settings.registry_dir)
 
     # --- the job --------------------------------------------------------------------------------
     def _client(self):
@@ -121,7 +143,8 @@ class Trainer:
         progress({"stage": "dataset", "images": len(samples)})
         names = class_names(config, controls=[control.name])
         with tempfile.TemporaryDirectory(prefix="labelassist-train-") as tmp:
-            rows = [(self.service.fetcher.load_image(a.image, a.task_id), list(a.regions), f"task-{a.task_id}")
+            fetcher = MediaFetcher(s)
+            rows = [(fetcher.load_image(a.image, a.task_id), list(a.regions), f"task-{a.task_id}")
                     for a in samples]
             data_yaml = write_dataset(rows, names, Path(tmp) / "data", task=task_kind)
             current = self.registry.current()
@@ -157,9 +180,7 @@ class Trainer:
             answer["reason"] = (f"validation mAP50 {metrics['map50']:.3f} is below the current version's "
                                 f"{baseline['map50']:.3f} on the same split: kept, not served")
             return answer
-        promoted = self.registry.promote(version)
-        self.service.replace_default_model(self._load_model(promoted.weights))
-        answer["model_version"] = self.service.model_version
+        self.registry.promote(version)
         return answer
 
 
