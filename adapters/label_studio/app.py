@@ -208,8 +208,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
         else:
             started = trainer.start(project_id)
         job, created = started
-        return jsonify(status="queued" if created else "already running", job_id=job.id, state=job.state,
-                       action=action), 201 if created else 200
+        # Label Studio records `job` as the backend's train job id.
+        return jsonify(status="queued" if created else "already running", job_id=job.id, job=job.id,
+                       state=job.state, action=action), 201 if created else 200
 
     @app.get("/jobs/<job_id>")
     def job_status(job_id: str):

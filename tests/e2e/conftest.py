@@ -61,7 +61,9 @@ def stack(tmp_path_factory):
         ls = LabelStudio.start(work / "label-studio")
         backend = None
         try:
-            backend = Backend.start(work / "labelassist", ls)
+            # Training (the last e2e test) from 5 images: short, small, on the CPU.
+            backend = Backend.start(work / "labelassist", ls, train_epochs="30", train_imgsz="160",
+                                    device="cpu")
             project = ls.create_project("labelassist e2e", DEMO_CONFIG)["id"]
             ls.upload_images(project, {name: s.png() for name, s in uploads.items()})
             ls.import_tasks(project, [{"image": f"{media}/{name}"} for name in url_scenes])

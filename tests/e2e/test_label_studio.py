@@ -2,6 +2,7 @@
 Studio's own action, and answer a smart keypoint through Label Studio's interactive endpoint."""
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -92,3 +93,43 @@ def test_a_failing_step_names_itself_and_shows_what_label_studio_answered(stack)
         stack.call("read a missing task", "GET", "/api/tasks/999999")
     text = str(err.value)
     assert "read a missing task" in text and "404" in text and "GET /api/tasks/999999" in text
+
+
+def _box_annotation(scene) -> list[dict]:
+    h, w = scene.mask.shape
+    ys, xs = np.nonzero(scene.mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return [{"from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+             "original_width": w, "original_height": h, "image_rotation": 0,
+             "value": {"x": x0 * 100 / w, "y": y0 * 100 / h, "width": (x1 - x0) * 100 / w,
+                       "height": (y1 - y0) * 100 / h, "rotation": 0, "rectanglelabels": ["Disc"]}}]
+
+
+def test_annotations_then_train_button_give_a_new_model_version_and_fresh_predictions(stack):
+    """Runs last (file order): annotate every task, press Train through Label Studio's API, and see
+    Label Studio pick up the new model version and store fresh predictions from it."""
+    before = requests.get(f"{stack.backend.url}/health", timeout=5).json()["model_version"]
+    for task, scene in stack.scenes.items():
+        stack.call(f"annotate task {task}", "POST", f"/api/tasks/{task}/annotations/",
+                   json={"result": _box_annotation(scene), "ground_truth": False})
+    # The model page's "Start Training": Label Studio posts START_TRAINING to our /webhook.
+    stack.call("press Train", "POST", f"/api/ml/{stack.ml}/train", json={})
+    deadline = time.time() + 300
+    while True:
+        detector = requests.get(f"{stack.backend.url}/health", timeout=5).json()["detector"]
+        if detector.get("registry_version"):
+            break
+        log = stack.backend.log()
+        assert "job" not in log or "failed" not in log.rsplit("START_TRAINING", 1)[-1], log[-3000:]
+        assert time.time() < deadline, f"no new version after 300 s; backend log:\n{log[-3000:]}"
+        time.sleep(1)
+    after = requests.get(f"{stack.backend.url}/health", timeout=5).json()["model_version"]
+    assert after != before
+    answer = _retrieve(stack, "retrieve predictions from the new version")
+    assert answer["processed_items"] == len(stack.scenes), answer
+    ml = stack.call("read the ML backend after training", "GET", f"/api/ml/{stack.ml}").json()
+    assert ml["model_version"] == after, ml
+    fresh = [p for p in _predictions(stack) if p["model_version"] == after]
+    assert Counter(p["task"] for p in fresh) == Counter(list(stack.scenes)), fresh
+    boxes = [r for p in fresh for r in p["result"] if r["type"] == "rectanglelabels"]
+    assert all(r["value"]["rectanglelabels"] == ["Disc"] and r["from_name"] == "box" for r in boxes), boxes
