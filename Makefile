@@ -20,7 +20,7 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 # Tests build tiny Segment Anything and YOLO models: the `sam` and `yolo` extras (PyTorch from PyPI),
 # and drive a browser with Playwright (its Python package only: the browser is Debian's chromium).
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[sam,yolo,test]'
+	$(BIN)/pip install --quiet -e '.[sam,yolo,test,cvat]'
 	touch $(VENV)/.core $@
 
 $(LS_VENV)/.installed:
