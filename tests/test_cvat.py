@@ -340,8 +340,7 @@ def test_keypoints_under_keypoint_conf_are_outside_and_an_unsure_skeleton_is_dro
     unsure = Region("disc", "keypoints", np.array([[5, 5, 0.1], [6, 6, 0.2], [7, 7, 0.0]]), 0.8,
                     extra={"class_id": 0})
     detector = KnownDetector("pose", [sure, unsure])
-    detector._yolo = type("M", (), {"model": type("P", (), {"kpt_shape": [3, 3]})()})()
-    detector._kpt_names = lambda class_id, k: list(KEYPOINT_NAMES)
+    detector.keypoint_names_for = lambda class_id: list(KEYPOINT_NAMES)
     function = DetectorFunction(UncertaintyEstimator(detector, tta=()), keypoint_conf=0.5)
     [skeleton] = function.detect(_DetectionFunctionContextImpl(frame_name="f"), Image.new("RGB", (40, 30)))
     assert skeleton.label_id == 2

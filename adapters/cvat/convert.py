@@ -55,18 +55,11 @@ class ModelLabels:
 
 
 def _keypoint_names(detector, class_id: int) -> list[str]:
-    """The keypoint names a pose detector gives the regions of `class_id` (extra["keypoint_names"]).
-
-    A label spec needs them before any region exists; YoloDetector has no public accessor for them
-    yet, so this reads the count from the ultralytics model and asks the detector's own naming rule.
-    """
-    inner = getattr(getattr(detector, "_yolo", None), "model", None)
-    shape = getattr(inner, "kpt_shape", None)
-    if shape is None:
-        shape = (getattr(inner, "yaml", None) or {}).get("kpt_shape")
-    if not shape:
+    """The keypoint names a pose detector gives the regions of `class_id` (extra["keypoint_names"])."""
+    names = detector.keypoint_names_for(class_id)
+    if not names:
         raise ValueError("pose model without a keypoint shape (kpt_shape)")
-    return list(detector._kpt_names(class_id, int(shape[0])))
+    return names
 
 
 def uncertainty_percent(uncertainty: float) -> str:

@@ -353,6 +353,13 @@ class YoloDetector:
             return [str(n) for group in names.values() for n in group]
         return [str(n) for n in names] if names is not None else []
 
+    def keypoint_names_for(self, cls: int) -> list[str]:
+        """The names the regions of class `cls` give their keypoints (what a label spec needs before
+        any region exists); [] for a model that is not a pose model."""
+        inner = getattr(self._yolo, "model", None)
+        shape = getattr(inner, "kpt_shape", None) or (getattr(inner, "yaml", None) or {}).get("kpt_shape")
+        return self._kpt_names(cls, int(shape[0])) if self.task == "pose" and shape else []
+
     def _kpt_names(self, cls: int, k: int) -> list[str]:
         names = self._keypoint_names
         if isinstance(names, dict):
