@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LS_VENV ?= .venv-ls
 LS_VERSION ?= >=1.23,<1.24
 
-.PHONY: serve test test-fast bench bench-train demo system-deps clean
+.PHONY: serve test test-fast bench bench-train bench-load demo system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ test-fast: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/click_latency.py
+
+# N concurrent annotators clicking against one server: p50/p95 and throughput versus N.
+bench-load: $(VENV)/.test
+	$(BIN)/python bench/load.py
 
 # Train button -> new version serving, and held-out mAP50 before/after (a few minutes on CPU).
 bench-train: $(VENV)/.test

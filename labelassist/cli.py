@@ -17,14 +17,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     class _App(BaseApplication):
         def load_config(self):
+            # The same settings as `gunicorn -c python:labelassist.gunicorn_conf` (the image uses it).
+            from . import gunicorn_conf
+
+            for key, value in gunicorn_conf.options(settings).items():
+                self.cfg.set(key, value)
             self.cfg.set("bind", f"{host}:{port}")
-            self.cfg.set("workers", settings.workers)
-            self.cfg.set("threads", settings.threads)
-            self.cfg.set("worker_class", "gthread")
-            # Label Studio waits up to 100 s for a predict; an image encode on CPU must fit.
-            self.cfg.set("timeout", 120)
-            self.cfg.set("loglevel", settings.log_level.lower())
-            self.cfg.set("accesslog", "-")
 
         def load(self):
             from .adapters.label_studio.app import create_app
@@ -36,7 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .backends.detect import ModelLoadError
 
     try:
-        build_prelabeler(settings)
+        # On the CPU: this process is gunicorn's master, and CUDA touched before the fork would be
+        # unusable in the workers, which load the models for real.
+        build_prelabeler(settings.model_copy(update={"device": "cpu"}))
     except ModelLoadError as exc:
         print(f"labelassist: cannot start: {exc}", file=sys.stderr)
         return 2
@@ -57,6 +57,15 @@ def _worker(args: argparse.Namespace) -> int:
     print(f"labelassist: worker on queue {settings.queue_name!r}, registry {settings.registry_dir}", flush=True)
     work(settings.redis_url.get_secret_value(), settings.queue_name, burst=args.burst)
     return 0
+
+
+def _start(args: argparse.Namespace) -> int:
+    """`labelassist start`: what ROLE says this process runs (the container image's command)."""
+    from .settings import get_settings
+
+    if get_settings().role == "worker":
+        return _worker(argparse.Namespace(burst=False))
+    return _serve(argparse.Namespace(host=None, port=None))
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -90,6 +99,13 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prelabel(args: argparse.Namespace) -> int:
+    from .adapters.label_studio.bulk import main as bulk_main
+    from .settings import get_settings
+
+    return bulk_main(get_settings(), args.project, args.shard_size, args.local)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
@@ -111,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run training jobs from the RQ queue (needs REDIS_URL)")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=_worker)
+    start = sub.add_parser("start", help="run what ROLE says: `serve` (all, interactive, prelabel) or `worker`")
+    start.set_defaults(func=_start)
+    prelabel = sub.add_parser("prelabel", help="pre-label every task of a Label Studio project in bulk "
+                                               "(sharded over RQ workers when REDIS_URL is set)")
+    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prelabel.add_argument("--shard-size", type=int, default=200, help="tasks per job (default 200)")
+    prelabel.add_argument("--local", action="store_true", help="run here even when REDIS_URL is set")
+    prelabel.set_defaults(func=_prelabel)
     models = sub.add_parser("models", help="list the model registry's versions (* = served)")
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=_models)

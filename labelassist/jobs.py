@@ -48,7 +48,24 @@ class Job:
         return asdict(self)
 
 
-class JobRunner:
+class _Runner:
+    poll = 0.05
+
+    def get(self, job_id: str) -> Job | None:
+        raise NotImplementedError
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        """The job once it has ended (or as it is after `timeout` seconds); None if unknown."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.get(job_id)
+            if job is None or job.state not in ACTIVE:
+                return job
+            time.sleep(self.poll)
+        return self.get(job_id)
+
+
+class JobRunner(_Runner):
     """A queue served by one daemon thread; keeps the last `keep` jobs for status queries."""
 
     def __init__(self, keep: int = 200):
@@ -87,15 +104,6 @@ class JobRunner:
             for job in self._jobs.values():
                 out[job.state] = out.get(job.state, 0) + 1
             return out
-
-    def wait(self, job_id: str, timeout: float) -> Job | None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            job = self.get(job_id)
-            if job is None or job.state not in ACTIVE:
-                return job
-            time.sleep(0.05)
-        return self.get(job_id)
 
     def _trim(self) -> None:
         done = [j for j in self._jobs.values() if j.state not in ACTIVE]
@@ -153,7 +161,7 @@ def _ts(value) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-class RQJobRunner:
+class RQJobRunner(_Runner):
     """Jobs on an RQ queue, executed by `labelassist worker` processes.
 
     Progress lives in the RQ job's meta; the running job keeps a heartbeat key fresh. RQ itself only
@@ -162,6 +170,7 @@ class RQJobRunner:
     """
 
     remote = True
+    poll = 0.2
 
     def __init__(self, redis_url: str, queue_name: str = "labelassist", job_timeout: int = 6 * 3600,
                  lost_after: float = LOST_AFTER_S):
@@ -250,15 +259,6 @@ class RQJobRunner:
                   "failed": FailedJobRegistry(queue=self.queue).count}
         return {k: v for k, v in counts.items() if v}
 
-    def wait(self, job_id: str, timeout: float) -> Job | None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            job = self.get(job_id)
-            if job is None or job.state not in ACTIVE:
-                return job
-            time.sleep(0.2)
-        return self.get(job_id)
-
 
 def run_rq_job(target: str, kwargs: dict, key: str) -> dict:
     """What an RQ worker executes: `target(progress, **kwargs)` with progress saved in the job's meta,
@@ -309,6 +309,14 @@ def work(redis_url: str, queue_name: str = "labelassist", burst: bool = False) -
     from redis import Redis
     from rq import Queue, Worker
 
+    # Each job runs in a forked work horse. Importing PyTorch and ultralytics once here (no model is
+    # loaded, no device touched: forking stays safe) spares every job seconds of imports.
+    try:
+        from .backends.detect.yolo import import_ultralytics
+
+        import_ultralytics()
+    except ImportError:  # a worker without the `yolo` extra can still run other jobs
+        log.info("ultralytics is not installed: detector jobs will fail on this worker")
     connection = Redis.from_url(redis_url)
     worker = Worker([Queue(queue_name, connection=connection)], connection=connection)
     return worker.work(burst=burst, with_scheduler=False)

@@ -55,9 +55,21 @@ class Settings(BaseSettings):
     train_export_backoff: float = Field(2.0, ge=0, description="Seconds before the first retry of a failed export; doubles each time.")
 
     # --- jobs and scale-out ---
+    role: Literal["all", "interactive", "prelabel", "worker"] = Field(
+        "all", description="What `labelassist start` (the container's command) runs. all: the Label Studio "
+        "backend, clicks and pre-labels; interactive: the backend for clicks only (no detector weights "
+        "loaded; a batch /predict is a 409); prelabel: the backend for pre-labels and training only "
+        "(classical segmenter, no SAM loaded, no embedding warm-up; a click is a 409); worker: "
+        "`labelassist worker` (RQ training jobs, needs REDIS_URL).")
     redis_url: SecretStr | None = Field(None, description="redis://host:6379/0: training jobs go to an RQ queue that `labelassist worker` processes run (any machine sharing REGISTRY_DIR); unset: one in-process worker thread.")
     queue_name: str = Field("labelassist", description="RQ queue the server enqueues to and `labelassist worker` listens on.")
     job_timeout: int = Field(6 * 3600, ge=60, description="Seconds a queued job may run before RQ stops it.")
+
+    # --- shared embedding cache (with REDIS_URL) ---
+    shared_cache: bool = Field(True, description="With REDIS_URL: share image embeddings between replicas through Redis (a second level behind the in-process cache).")
+    shared_cache_ttl: int = Field(3600, ge=1, description="Seconds an embedding stays in the shared cache after its last use.")
+    shared_cache_max_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Byte bound of the shared cache in Redis (compressed values, all replicas together); least recently used embeddings go first, larger ones are not stored.")
+    shared_cache_wait: float = Field(30.0, ge=0, description="Seconds a replica waits for an embedding another replica is computing before computing it itself.")
 
     # --- Label Studio and media ---
     label_studio_url: str | None = Field(None, description="Base URL of Label Studio, e.g. http://localhost:8080.")

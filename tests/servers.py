@@ -136,13 +136,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once: a worker machine losing power."""
+def signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to a process and all its descendants."""
     import os
-    import signal
 
     for p in [pid, *descendants(pid)]:
         try:
-            os.kill(p, signal.SIGKILL)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once: a worker machine losing power."""
+    import signal
+
+    signal_tree(pid, signal.SIGKILL)

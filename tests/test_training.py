@@ -48,6 +48,18 @@ def version(url):
     return requests.post(f"{url}/setup", json={"schema": CONFIG}, timeout=10).json()["model_version"]
 
 
+def assert_serves_new_version(url, before: str, job: dict) -> None:
+    """/setup (which looks at the registry every time) gives a new model_version, /health names the
+    job's registry version, and /predict pre-labels the stand-in's images with it."""
+    after = version(url)
+    assert after != before
+    assert health(url)["detector"]["registry_version"] == job["result"]["version"]
+    tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(3)]
+    preds = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=60).json()
+    assert all(p["model_version"] == after for p in preds["results"])
+    assert sum(len(p["result"]) for p in preds["results"]) > 0
+
+
 @pytest.mark.slow
 def test_train_button_trains_publishes_and_serves_the_new_version(tmp_path):
     with serving(fake_label_studio(75)) as ls:  # 60 train / 15 val images: learnable in 20 epochs
@@ -62,14 +74,7 @@ def test_train_button_trains_publishes_and_serves_the_new_version(tmp_path):
             assert job["state"] == "finished", job
             assert job["progress"]["epochs"] == 20 and job["progress"]["epoch"] == 20
             assert job["result"]["promoted"] is True
-            after = version(url)
-            assert after != before
-            assert health(url)["detector"]["registry_version"] == job["result"]["version"]
-            # the new version pre-labels: tasks on the stand-in's images
-            tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(3)]
-            preds = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=60).json()
-    assert all(p["model_version"] == after for p in preds["results"])
-    assert sum(len(p["result"]) for p in preds["results"]) > 0
+            assert_serves_new_version(url, before, job)
     registry = ModelRegistry(settings.registry_dir)
     assert registry.current().version_id == job["result"]["version"]
     assert registry.current().calibration is not None  # refitted on the validation split
@@ -169,13 +174,7 @@ def test_train_on_an_rq_worker_killed_mid_training_then_trained_by_another(tmp_p
                 job = wait_job(url, second.json()["job_id"])
             assert job["state"] == "finished", (job, (tmp_path / "worker2.log").read_text()[-3000:])
             assert job["result"]["promoted"] is True and job["progress"]["epoch"] == 20
-            after = version(url)  # /setup looks at the registry: Label Studio sees the new version
-            assert after != before
-            assert health(url)["detector"]["registry_version"] == job["result"]["version"]
-            tasks = [{"id": i, "data": {"image": f"/data/upload/{i}.png"}} for i in range(3)]
-            preds = requests.post(f"{url}/predict", json={"tasks": tasks, "label_config": CONFIG}, timeout=60).json()
-    assert all(p["model_version"] == after for p in preds["results"])
-    assert sum(len(p["result"]) for p in preds["results"]) > 0
+            assert_serves_new_version(url, before, job)
 
 
 def test_rollback_is_one_command_and_servers_follow_the_registry(tmp_path):

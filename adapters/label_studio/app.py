@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
 from ...settings import Settings, get_settings
@@ -46,7 +47,7 @@ def _tasks(body: dict) -> list[dict]:
 
 
 class Metrics:
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, trainer: Trainer | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter("labelassist_requests", "HTTP requests", ["route", "status"], registry=self.registry)
         self.latency = Histogram("labelassist_request_seconds", "Request latency", ["route", "mode"],
@@ -55,14 +56,64 @@ class Metrics:
         stats = service.cache.stats
         for name, doc, fn in [
             ("labelassist_embedding_cache_hits", "Embedding cache hits", lambda: stats.hits),
-            ("labelassist_embedding_cache_misses", "Embedding cache misses (encoder runs)", lambda: stats.misses),
+            ("labelassist_embedding_cache_misses", "In-process embedding cache misses (encoder runs, or "
+             "reads from the shared cache with REDIS_URL)", lambda: stats.misses),
             ("labelassist_embedding_cache_waits", "Clicks that waited for an embedding under way", lambda: stats.waits),
             ("labelassist_embedding_cache_bytes", "Bytes held by the embedding cache", lambda: stats.bytes),
             ("labelassist_embedding_cache_entries", "Embeddings held", lambda: stats.entries),
         ]:
             Gauge(name, doc, registry=self.registry).set_function(fn)
-        Gauge("labelassist_model_info", "Model serving", ["model_version"],
-              registry=self.registry).labels(service.model_version).set(1)
+        self.registry.register(_LiveMetrics(service, trainer))
+
+
+class _LiveMetrics:
+    """Read at each scrape: the model version served now (it changes when a new version is
+    promoted), encoder runs, the shared embedding cache, and the training jobs."""
+
+    def __init__(self, service: Service, trainer: Trainer | None):
+        self.service, self.trainer = service, trainer
+
+    def collect(self):
+        service = self.service
+        info = GaugeMetricFamily("labelassist_model_info", "Model serving (1 for the version served now)",
+                                 labels=["model_version"])
+        info.add_metric([service.model_version], 1)
+        yield info
+        yield CounterMetricFamily("labelassist_embedding_encoder_runs", "Embeddings computed by this process "
+                                  "(in neither the in-process nor the shared cache)", value=service.encoder_runs)
+        shared = service.shared
+        if shared is not None:
+            st = shared.stats
+            for name, doc, value in [
+                ("hits", "Embeddings found in the shared cache (Redis)", st.hits),
+                ("misses", "Embeddings not in the shared cache", st.misses),
+                ("waits", "Embeddings found after waiting for another replica computing them", st.waits),
+                ("corrupt", "Shared-cache values that did not decode (treated as misses)", st.corrupt),
+                ("errors", "Redis errors of the shared cache", st.errors),
+                ("writes", "Embeddings written to the shared cache", st.writes),
+                ("skipped", "Embeddings not written (over the bound, or writes backed up)", st.skipped),
+                ("read_bytes", "Compressed bytes read from the shared cache", st.bytes_read),
+                ("written_bytes", "Compressed bytes written to the shared cache", st.bytes_written),
+            ]:
+                yield CounterMetricFamily(f"labelassist_shared_cache_{name}", doc, value=value)
+            used = shared.used_bytes()
+            if used is not None:
+                yield GaugeMetricFamily("labelassist_shared_cache_bytes",
+                                        "Bytes the shared cache holds in Redis (all replicas)", value=used)
+        runner = self.trainer.runner if self.trainer is not None else None
+        if runner is not None:
+            try:
+                counts = runner.counts()
+                queue = getattr(runner, "queue", None)
+                depth = queue.count if queue is not None else counts.get("queued", 0)
+            except Exception as exc:  # Redis down: leave the job gauges out of this scrape
+                log.warning("metrics: cannot read job counts: %s", exc)
+                return
+            jobs = GaugeMetricFamily("labelassist_jobs", "Training jobs by state", labels=["state"])
+            for state in sorted({"queued", "running", "finished", "failed", *counts}):
+                jobs.add_metric([state], counts.get(state, 0))
+            yield jobs
+            yield GaugeMetricFamily("labelassist_job_queue_depth", "Jobs waiting in the queue", value=depth)
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None,
@@ -71,19 +122,22 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     if service is None:
         from ...backends.segment import create_segmenter
 
-        segmenter = create_segmenter(settings.segmenter, settings.sam_checkpoint, settings.sam_model_type,
+        # ROLE=prelabel answers no clicks: the classical segmenter stands in, no SAM is loaded.
+        segmenter = create_segmenter("grabcut" if settings.role == "prelabel" else settings.segmenter,
+                                     settings.sam_checkpoint, settings.sam_model_type,
                                      settings.device, settings.embedding_cache_fp16)
         prelabeler, load, served = build_prelabeler(settings, return_loader=True)
         service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
-                          settings.polygon_tolerance, prelabeler=prelabeler)
+                          settings.polygon_tolerance, prelabeler=prelabeler, shared=make_shared_cache(settings))
         from ...backends.registry import ModelRegistry
 
-        service.follow_registry(ModelRegistry(settings.registry_dir), load, served)
+        if settings.role != "interactive":  # ROLE=interactive serves no detector
+            service.follow_registry(ModelRegistry(settings.registry_dir), load, served)
         trainer = Trainer(settings, make_runner(settings))
     app = Flask("labelassist")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["labelassist"] = service
-    metrics = Metrics(service)
+    metrics = Metrics(service, trainer)
     log.info("serving %s (%s)", service.model_version, service.segmenter.describe())
 
     @app.before_request
@@ -133,7 +187,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     @app.get("/health")
     def health():
         return jsonify(status="UP", model_class="labelassist", model_version=service.model_version,
-                       **service.describe())
+                       role=settings.role, **service.describe())
 
     @app.post("/setup")
     def setup():
@@ -156,6 +210,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
         params = body.get("params") or {}
         context = params.get("context") if isinstance(params, dict) else None
         if context:
+            if settings.role == "prelabel":
+                raise ApiError(409, "this replica serves pre-labels only (ROLE=prelabel); "
+                                    "connect interactive annotation to a replica with ROLE=all or interactive")
             if not isinstance(context, dict):
                 raise ApiError(400, "params.context must be an object")
             if not tasks:
@@ -164,7 +221,10 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             smart = parse_context(context, config)
             return jsonify(results=[service.interactive(tasks[0], smart, config)])
         g.mode = "batch"
-        if settings.warm_cache_on_predict:
+        if settings.role == "interactive":
+            raise ApiError(409, "this replica serves interactive clicks only (ROLE=interactive); "
+                                "pre-labels come from a replica with ROLE=all or prelabel")
+        if settings.warm_cache_on_predict and settings.role != "prelabel":
             service.warm(_refs(tasks, config))
         return jsonify(results=service.prelabel(tasks, config))
 
@@ -176,7 +236,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
             raise ApiError(400, "webhook body has no 'action'")
         if action == "START_TRAINING" or action.startswith("ANNOTATION"):
             return _training_event(action, body)
-        if action == "TASKS_CREATED" and settings.warm_cache_on_predict:
+        if action == "TASKS_CREATED" and settings.warm_cache_on_predict and settings.role != "prelabel":
             project = body.get("project") or {}
             config = parse_label_config(project.get("label_config")) if isinstance(project, dict) else None
             tasks = body.get("tasks") or []
@@ -226,6 +286,17 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
     return app
 
 
+def make_shared_cache(settings: Settings):
+    """The embedding cache shared by the replicas: in Redis when REDIS_URL is set (and SHARED_CACHE)."""
+    if settings.redis_url is None or not settings.shared_cache:
+        return None
+    from ...backends.shared_cache import SharedEmbeddingCache
+
+    return SharedEmbeddingCache.from_url(settings.redis_url.get_secret_value(), ttl=settings.shared_cache_ttl,
+                                         max_bytes=settings.shared_cache_max_bytes,
+                                         fp16=settings.embedding_cache_fp16, wait=settings.shared_cache_wait)
+
+
 def make_runner(settings: Settings):
     """Training jobs: on the RQ queue when REDIS_URL is set (run by `labelassist worker`), else in a
     background thread of this process."""
@@ -262,14 +333,15 @@ def build_prelabeler(settings: Settings, return_loader: bool = False):
 
     from ...backends.registry import ModelRegistry
 
-    current = ModelRegistry(settings.registry_dir).current()
-    weights = settings.yolo_weights
+    interactive_only = settings.role == "interactive"  # clicks only: no detector weights loaded
+    current = None if interactive_only else ModelRegistry(settings.registry_dir).current()
+    weights = None if interactive_only else settings.yolo_weights
     if weights is not None and not weights.is_absolute():
         weights = settings.models_dir / weights
     if current is not None:  # a version trained here wins over the configured base weights
         weights = current.weights
     default = load(weights) if weights else wrap(YoloDetector.untrained())
-    if not default.detector.trained:
+    if not default.detector.trained and not interactive_only:
         log.warning("detector is untrained (YOLO_WEIGHTS unset): pre-labels will be empty")
     prelabeler = Prelabeler(default, settings.models_dir, load, settings.polygon_tolerance, settings.detect_batch)
     return (prelabeler, load, current.version_id if current else None) if return_loader else prelabeler

@@ -16,6 +16,7 @@ from ... import __version__
 from ...backends.cache import ByteLRU
 from ...backends.image import content_hash
 from ...backends.segment import Embedding, Segmenter
+from ...backends.shared_cache import SharedEmbeddingCache
 from ..errors import ApiError
 from .config import ParsedConfig
 from .interactive import SmartRequest
@@ -34,12 +35,15 @@ class ImageRef:
 
 class Service:
     def __init__(self, segmenter: Segmenter, fetcher: MediaFetcher, cache_bytes: int,
-                 polygon_tolerance: float = 1.0, warm_workers: int = 1, prelabeler: Prelabeler | None = None):
+                 polygon_tolerance: float = 1.0, warm_workers: int = 1, prelabeler: Prelabeler | None = None,
+                 shared: SharedEmbeddingCache | None = None):
         self.segmenter = segmenter
         self.prelabeler = prelabeler
         self.fetcher = fetcher
         self.polygon_tolerance = polygon_tolerance
-        self.cache: ByteLRU[Embedding] = ByteLRU(cache_bytes, lambda e: e.nbytes)
+        self.cache: ByteLRU[Embedding] = ByteLRU(cache_bytes, lambda e: e.nbytes)  # L1: this process
+        self.shared = shared  # L2: Redis, shared by the replicas (REDIS_URL)
+        self.encoder_runs = 0  # embeddings computed here (neither level had them)
         # url -> content key, so a click on a known image skips download, decode and hashing.
         self._keys: OrderedDict[ImageRef, tuple] = OrderedDict()
         self._keys_lock = threading.Lock()
@@ -79,7 +83,19 @@ class Service:
             self._keys[ref] = key
             while len(self._keys) > 8192:
                 self._keys.popitem(last=False)
-        return self.cache.get_or_compute(key, lambda: self.segmenter.embed(image))
+        return self.cache.get_or_compute(key, lambda: self._embedding_miss(key, image))
+
+    def _embedding_miss(self, key: tuple, image) -> Embedding:
+        """Not in this process (L1): from the shared cache if there, else computed (and shared)."""
+        if self.shared is None:
+            return self._embed(image)
+        content, model_id = key
+        return self.shared.get_or_compute(f"{model_id}:{content}", lambda: self._embed(image), self.segmenter)
+
+    def _embed(self, image) -> Embedding:
+        with self._keys_lock:
+            self.encoder_runs += 1
+        return self.segmenter.embed(image)
 
     def warm(self, refs: list[ImageRef]) -> int:
         """Compute embeddings in the background; returns how many were queued."""

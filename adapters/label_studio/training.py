@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ from ...jobs import JobFailed
 from ...settings import Settings
 from .config import parse_label_config
 from .dataset import class_names, tasks_to_samples
+from .client import label_studio_client, with_retries
 from .media import MediaFetcher
 
 log = logging.getLogger(__name__)
@@ -27,25 +27,6 @@ log = logging.getLogger(__name__)
 #: Control tags a detector can be trained for, and the ultralytics task each needs.
 TRAINABLE = {"RectangleLabels": "detect", "PolygonLabels": "segment", "BrushLabels": "segment"}
 BASE_YAML = {"detect": "yolov8n.yaml", "segment": "yolov8n-seg.yaml"}
-
-
-def with_retries(what: str, fn: Callable[[], Any], attempts: int, backoff: float) -> Any:
-    """Call `fn`, retrying connection failures with exponential backoff; then fail the job clearly."""
-    import httpx
-    import requests
-
-    transient = (httpx.TransportError, requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except transient as exc:
-            if attempt == attempts:
-                raise JobFailed(f"{what}: Label Studio unreachable after {attempts} attempts "
-                                f"({type(exc).__name__})") from None
-            delay = backoff * 2 ** (attempt - 1)
-            log.warning("%s failed (attempt %d of %d, %s); retrying in %.1f s", what, attempt, attempts,
-                        type(exc).__name__, delay)
-            time.sleep(delay)
 
 
 class Trainer:
@@ -97,19 +78,10 @@ class TrainingJob:
         self.registry = ModelRegistry(settings.registry_dir)
 
     # --- the job --------------------------------------------------------------------------------
-    def _client(self):
-        from label_studio_sdk.client import LabelStudio
-
-        s = self.settings
-        if not s.label_studio_url or s.label_studio_api_key is None:
-            raise JobFailed("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pull annotations")
-        return LabelStudio(base_url=s.label_studio_url, api_key=s.label_studio_api_key.get_secret_value(),
-                           timeout=s.media_timeout)
-
     def export(self, project_id: int) -> tuple[str, list[dict]]:
         """The project's label config and its tasks with annotations."""
         s = self.settings
-        client = self._client()
+        client = label_studio_client(s, "training")
         project = with_retries(f"reading project {project_id}", lambda: client.projects.get(id=project_id),
                                s.train_export_attempts, s.train_export_backoff)
 

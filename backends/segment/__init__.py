@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Embedding, Segmenter, mask_region
+from .base import Embedding, EmbeddingFormatError, Segmenter, mask_region
 
-__all__ = ["Embedding", "Segmenter", "mask_region", "create_segmenter"]
+__all__ = ["Embedding", "EmbeddingFormatError", "Segmenter", "mask_region", "create_segmenter"]
 
 
 def create_segmenter(kind: str = "auto", sam_checkpoint: str | Path | None = None,

@@ -180,6 +180,37 @@ class GrabCutSegmenter(Segmenter):
         nbytes = smooth.nbytes + (features.nbytes if features is not smooth else 0)
         return Embedding(self.model_id, (H, W), _Work(smooth, features, (w / W, h / H)), int(nbytes))
 
+    # --- serialisation (shared embedding cache) --------------------------------------------------
+
+    def embedding_arrays(self, embedding: Embedding) -> dict[str, np.ndarray]:
+        """The smoothed image, and the gray three-scale features when they differ from it; the
+        scale follows from the working and original sizes."""
+        data: _Work = embedding.data
+        arrays = {"image": data.image}
+        if data.features is not data.image:
+            arrays["features"] = data.features
+        return arrays
+
+    def embedding_from_arrays(self, image_size: tuple[int, int], arrays: dict[str, np.ndarray]) -> Embedding:
+        from .base import EmbeddingFormatError
+
+        H, W = image_size
+        image = arrays["image"]
+        features = arrays.get("features", image)
+        if set(arrays) - {"image", "features"}:
+            raise EmbeddingFormatError(f"unexpected arrays {sorted(arrays)}")
+        for a in (image, features):
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape != image.shape or a.shape[2] != 3:
+                raise EmbeddingFormatError(f"grabcut arrays must be HxWx3 uint8, got {a.shape} {a.dtype}")
+        h, w = image.shape[:2]
+        f = min(1.0, self.max_side / max(H, W))
+        if (w, h) != (max(1, round(W * f)), max(1, round(H * f))):
+            raise EmbeddingFormatError(f"working size {w}x{h} does not fit image size {W}x{H}")
+        for a in (image, features):
+            a.setflags(write=False)
+        nbytes = image.nbytes + (features.nbytes if features is not image else 0)
+        return Embedding(self.model_id, (H, W), _Work(image, features, (w / W, h / H)), int(nbytes))
+
     # --- per click -------------------------------------------------------------------------------
 
     def segment(self, embedding: Embedding, prompt: Prompt) -> Region:

@@ -81,6 +81,29 @@ class SamSegmenter(Segmenter):
         return Embedding(self.model_id, (int(rgb.shape[0]), int(rgb.shape[1])), data,
                          features.numel() * features.element_size())
 
+    # --- serialisation (shared embedding cache) --------------------------------------------------
+
+    def embedding_arrays(self, embedding: Embedding) -> dict[str, np.ndarray]:
+        data: _SamFeatures = embedding.data
+        return {"features": data.features.detach().cpu().numpy(),
+                "input_size": np.asarray(data.input_size, np.int32)}
+
+    def embedding_from_arrays(self, image_size: tuple[int, int], arrays: dict[str, np.ndarray]) -> Embedding:
+        from .base import EmbeddingFormatError
+
+        features, input_size = arrays["features"], arrays["input_size"]
+        expected = (1, self.model.prompt_encoder.embed_dim, *self.model.prompt_encoder.image_embedding_size)
+        if features.dtype.kind != "f" or tuple(features.shape) != expected:
+            raise EmbeddingFormatError(f"SAM features must be float {expected}, got {features.dtype} "
+                                       f"{tuple(features.shape)}")
+        size = self.transform.get_preprocess_shape(image_size[0], image_size[1], self.transform.target_length)
+        if input_size.shape != (2,) or tuple(int(v) for v in input_size) != tuple(size):
+            raise EmbeddingFormatError(f"input size {input_size.tolist()} does not fit image size {image_size}")
+        dtype = torch.float16 if self.fp16_embeddings else torch.float32
+        tensor = torch.from_numpy(features.copy()).to(device=self.device, dtype=dtype)
+        data = _SamFeatures(tensor, (int(size[0]), int(size[1])))
+        return Embedding(self.model_id, image_size, data, tensor.numel() * tensor.element_size())
+
     @torch.inference_mode()
     def segment(self, embedding: Embedding, prompt: Prompt) -> Region:
         if prompt.is_empty:
