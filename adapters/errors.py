@@ -1,4 +1,4 @@
-"""The one error type adapters raise for bad input: it becomes a 4xx JSON answer."""
+"""The error types adapters raise for bad input: each becomes a 4xx JSON answer."""
 from __future__ import annotations
 
 
@@ -7,3 +7,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class MediaError(ApiError):
+    """An image could not be fetched or decoded; ``status`` is the 4xx code to answer with."""

@@ -46,7 +46,7 @@ from ...backends.detect import create_detector
 from ...backends.types import Region
 from ...settings import Settings
 from ..errors import ApiError
-from ..label_studio.media import decode_image
+from ..images import decode_image
 from .convert import (UNCERTAINTY, UNCERTAINTY_VALUES, ModelLabels, instance_mask, keypoints, mask_bounds,
                       outline, prompt, rectangle, region_polygon, skeleton_svg, uncertainty_percent)
 from .detector import create as create_detector_function

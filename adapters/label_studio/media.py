@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import json
 import logging
 import os
@@ -35,23 +34,16 @@ from urllib.parse import parse_qs, quote, unquote_to_bytes, urljoin, urlsplit
 import numpy as np
 import requests
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import SecretStr
 
-from ..errors import ApiError
+from ..errors import MediaError
+from ..images import decode_image
 
 logger = logging.getLogger(__name__)
 
 _MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-class MediaError(ApiError):
-    """An image could not be fetched or decoded; ``status`` is the 4xx code to answer with."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(status, message)
 
 
 def _no_netrc(request):
@@ -429,50 +421,3 @@ def _transport_error(exc: requests.RequestException, where: str) -> MediaError:
     if isinstance(exc, requests.ConnectionError):
         return MediaError(422, f"could not connect to fetch {where}")
     return MediaError(422, f"error fetching {where}: {type(exc).__name__}")
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode image bytes to a numpy array, checking the pixel count before decoding any pixels.
-
-    Returns uint8 ``HxW`` for 1-bit/8-bit gray, uint16 ``HxW`` for 16-bit gray (int32 when 32-bit
-    values do not fit), float32 ``HxW`` for float images, and uint8 ``HxWx3`` RGB for everything
-    else (palette, CMYK, LA, RGBA: alpha is dropped). EXIF orientation is applied.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise MediaError(413, f"image is {width} x {height} pixels, over the limit of {max_pixels}")
-            im = ImageOps.exif_transpose(im)
-            return _to_array(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise MediaError(413, f"image rejected as a decompression bomb: {exc}") from None
-    except UnidentifiedImageError:
-        raise MediaError(422, "not an image (unrecognised image format)") from None
-    except MediaError:
-        raise
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise MediaError(422, f"image could not be decoded: {exc}") from None
-
-
-def _to_array(im: Image.Image) -> np.ndarray:
-    mode = im.mode
-    if mode == "1":
-        im = im.convert("L")
-        mode = "L"
-    if mode == "L":
-        return np.asarray(im, dtype=np.uint8).copy()
-    if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.uint16)
-    if mode == "I":
-        arr = np.asarray(im)
-        if arr.size and arr.min() >= 0 and arr.max() <= 0xFFFF:
-            return arr.astype(np.uint16)
-        return arr.astype(np.int32)
-    if mode == "F":
-        return np.asarray(im, dtype=np.float32).copy()
-    if mode != "RGB":
-        if mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        im = im.convert("RGB")
-    return np.asarray(im, dtype=np.uint8).copy()
