@@ -120,19 +120,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
                trainer: Trainer | None = None) -> Flask:
     settings = settings or get_settings()
     if service is None:
-        from ...backends.segment import create_segmenter
-
-        # ROLE=prelabel answers no clicks: the classical segmenter stands in, no SAM is loaded.
-        segmenter = create_segmenter("grabcut" if settings.role == "prelabel" else settings.segmenter,
-                                     settings.sam_checkpoint, settings.sam_model_type,
-                                     settings.device, settings.embedding_cache_fp16)
-        prelabeler, load, served = build_prelabeler(settings, return_loader=True)
-        service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
-                          settings.polygon_tolerance, prelabeler=prelabeler, shared=make_shared_cache(settings))
-        from ...backends.registry import ModelRegistry
-
-        if settings.role != "interactive":  # ROLE=interactive serves no detector
-            service.follow_registry(ModelRegistry(settings.registry_dir), load, served)
+        service = build_service(settings)
         trainer = Trainer(settings, make_runner(settings))
     app = Flask("labelassist")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -284,6 +272,25 @@ def create_app(settings: Settings | None = None, service: Service | None = None,
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def build_service(settings: Settings, shared: bool = True) -> Service:
+    """The segmenter, the detector (following the model registry) and the media fetcher these
+    settings describe: what a server serves, and what bulk pre-labels use (same model_version)."""
+    from ...backends.registry import ModelRegistry
+    from ...backends.segment import create_segmenter
+
+    # ROLE=prelabel answers no clicks: the classical segmenter stands in, no SAM is loaded.
+    segmenter = create_segmenter("grabcut" if settings.role == "prelabel" else settings.segmenter,
+                                 settings.sam_checkpoint, settings.sam_model_type,
+                                 settings.device, settings.embedding_cache_fp16)
+    prelabeler, load, served = build_prelabeler(settings, return_loader=True)
+    service = Service(segmenter, MediaFetcher(settings), settings.embedding_cache_bytes,
+                      settings.polygon_tolerance, prelabeler=prelabeler,
+                      shared=make_shared_cache(settings) if shared else None)
+    if settings.role != "interactive":  # ROLE=interactive serves no detector
+        service.follow_registry(ModelRegistry(settings.registry_dir), load, served)
+    return service
 
 
 def make_shared_cache(settings: Settings):

@@ -22,17 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def build_prelabel_service(settings: Settings):
-    """The same segmenter and detector a server with these settings serves, hence the same
-    model_version on the predictions."""
-    from ...backends.segment import create_segmenter
-    from .app import build_prelabeler
-    from .media import MediaFetcher
-    from .service import Service
+    """What a server with these settings serves (hence the same model_version on the predictions),
+    without the shared embedding cache: bulk pre-labels compute no embeddings."""
+    from .app import build_service
 
-    segmenter = create_segmenter(settings.segmenter, settings.sam_checkpoint, settings.sam_model_type,
-                                 settings.device, settings.embedding_cache_fp16)
-    return Service(segmenter, MediaFetcher(settings), 0, settings.polygon_tolerance,
-                   prelabeler=build_prelabeler(settings))
+    return build_service(settings, shared=False)
 
 
 def project_task_ids(settings: Settings, project_id: int) -> list[int]:
